@@ -1,0 +1,134 @@
+"""Top-k retrieval predictions from feature files; same CLI and output lines as the reference script.
+
+``python -m cn_clip.eval.make_topk_predictions --image-feats I --text-feats T --output P`` writes, per text in
+file order, ``{"text_id": t, "image_ids": [...]}`` (``make_topk_predictions_tr``: per image, ``text_ids``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+from cn_clip.cli.runner import run_cli, setup_logging
+from cn_clip.eval.directions import Direction, get_direction
+from cn_clip.eval.featio import FeatureId, read_features
+from cn_clip.eval.topk import BACKENDS, DEFAULT_GALLERY_CHUNK, resolve_backend, topk_search
+from cn_clip.fileio import atomic_write
+
+_logger = logging.getLogger(__name__)
+
+
+def build_parser(direction: Direction) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=f"Top-k {direction.name.replace('_', '-')} predictions from image and text feature files "
+        "(reference JSONL or .npy, see docs/eval.md)."
+    )
+    parser.add_argument("--image-feats", type=str, required=True, help="image feature file (.jsonl or .npy)")
+    parser.add_argument("--text-feats", type=str, required=True, help="text feature file (.jsonl or .npy)")
+    parser.add_argument("--top-k", type=int, default=10, help="number of predictions per query (default 10)")
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=DEFAULT_GALLERY_CHUNK,
+        help="gallery rows scored per chunk (default 32768); bounds memory together with --query-batch-size",
+    )
+    parser.add_argument("--output", type=str, required=True, help="output JSONL prediction file")
+    parser.add_argument(
+        "--query-batch-size", type=int, default=None, help="query rows per chunk (default: ~8M scores per chunk)"
+    )
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="auto", help="auto = numpy on CPU, torch on other devices"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (torch backend)")
+    return parser
+
+
+def make_topk_predictions(
+    image_feats: str | os.PathLike,
+    text_feats: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    top_k: int = 10,
+    direction: str | Direction = "text_to_image",
+    backend: str = "auto",
+    device: str | None = None,
+    gallery_chunk: int = DEFAULT_GALLERY_CHUNK,
+    query_chunk: int | None = None,
+) -> int:
+    """Write one prediction line per query (query-file order); return the number of lines written."""
+    direction = get_direction(direction)
+    paths = {"image_id": image_feats, "text_id": text_feats}
+    gallery = read_features(paths[direction.gallery_key], direction.gallery_key)
+    queries = read_features(paths[direction.query_key], direction.query_key)
+    if top_k > len(gallery):
+        _logger.warning(
+            "top-k %d > %d gallery %s: every line lists all of them", top_k, len(gallery), direction.gallery_noun
+        )
+    result = topk_search(
+        queries.matrix,
+        gallery.matrix,
+        top_k,
+        backend=backend,
+        device=device,
+        gallery_chunk=gallery_chunk,
+        query_chunk=query_chunk,
+    )
+    write_predictions(output, direction, queries.ids, gallery.ids, result.indices.tolist())
+    return len(queries)
+
+
+def write_predictions(
+    output: str | os.PathLike,
+    direction: Direction,
+    query_ids: Sequence[FeatureId],
+    gallery_ids: Sequence[FeatureId],
+    ranked: Sequence[Sequence[int]],
+) -> None:
+    """Lines byte-identical to the reference's ``json.dumps({query_key: q, target_key: [...]})``."""
+    gallery_json = [json.dumps(item) for item in gallery_ids]  # each id encoded once, not once per hit
+    head = '{"' + direction.query_key + '": '
+    middle = ', "' + direction.target_key + '": ['
+    with atomic_write(output) as handle:
+        handle.writelines(
+            head + json.dumps(qid) + middle + ", ".join([gallery_json[j] for j in row]) + "]}\n"
+            for qid, row in zip(query_ids, ranked, strict=True)
+        )
+
+
+def main(argv: Sequence[str] | None = None, direction: str = "text_to_image") -> int:
+    spec = get_direction(direction)
+
+    def run(args_list: Sequence[str] | None) -> int:
+        parser = build_parser(spec)
+        args = parser.parse_args(args_list)
+        _logger.info("params: %s", ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+        if args.top_k < 1 or args.eval_batch_size < 1 or (args.query_batch_size or 1) < 1:
+            parser.error("--top-k, --eval-batch-size and --query-batch-size must be positive")
+        try:
+            resolve_backend(args.backend, args.device)
+        except ValueError as exc:
+            parser.error(str(exc))
+        make_topk_predictions(
+            args.image_feats,
+            args.text_feats,
+            args.output,
+            top_k=args.top_k,
+            direction=spec,
+            backend=args.backend,
+            device=args.device,
+            gallery_chunk=args.eval_batch_size,
+            query_chunk=args.query_batch_size,
+        )
+        print(f"Top-{args.top_k} predictions are saved in {args.output}")
+        print("Done!")
+        return 0
+
+    setup_logging()
+    return run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
