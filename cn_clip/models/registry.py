@@ -91,7 +91,9 @@ def _tower(name: str, kind: str) -> tuple[dict[str, Any], str]:
 def get_model_config(name: str) -> CLIPCfg:
     """Resolve ``"{vision}@{text}"`` to a typed :class:`CLIPCfg`."""
     if name.count("@") != 1:
-        raise ConfigError(f"model name {name!r} must be '<vision>@<text>', e.g. 'ViT-B-16@RoBERTa-wwm-ext-base-chinese'")
+        raise ConfigError(
+            f"model name {name!r} must be '<vision>@<text>', e.g. 'ViT-B-16@RoBERTa-wwm-ext-base-chinese'"
+        )
     vision_name, text_name = name.split("@")
     vision_data, vision_src = _tower(vision_name, "vision")
     text_data, text_src = _tower(text_name, "text")

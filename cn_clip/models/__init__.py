@@ -1,0 +1,1 @@
+"""Model definitions, registry and factory. Import submodules directly; nothing heavy is imported here."""

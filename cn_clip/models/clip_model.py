@@ -1,0 +1,118 @@
+"""The CLIP model: an image tower, a BERT text tower, projections and a learned temperature."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cn_clip.models.config import CLIPCfg
+from cn_clip.models.resnet import ModifiedResNet
+from cn_clip.models.text import create_bert, trim_padding
+from cn_clip.models.vit import VisionTransformer
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100)
+PAD_ID = 0
+
+
+class CLIP(nn.Module):
+    """Chinese CLIP. State-dict keys: ``text_projection``, ``logit_scale``, ``visual.*``, ``bert.*`` (reference)."""
+
+    def __init__(self, cfg: CLIPCfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # Own parameters first: they lead the reference's state dict.
+        self.text_projection = nn.Parameter(torch.empty(cfg.text.text_hidden_size, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.visual: nn.Module = (
+            ModifiedResNet(cfg.vision) if cfg.vision.kind == "resnet" else VisionTransformer(cfg.vision)
+        )
+        self.bert = create_bert(cfg.text)
+        self.initialize_parameters()
+
+    @property
+    def is_vit(self) -> bool:
+        return isinstance(self.visual, VisionTransformer)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def initialize_parameters(self) -> None:
+        """Reference initialisation of the CLIP-specific parts (BERT is initialised by transformers: N(0, 0.02))."""
+        with torch.no_grad():
+            self.logit_scale.fill_(LOGIT_SCALE_INIT)
+            if isinstance(self.visual, ModifiedResNet):
+                pool = self.visual.attnpool
+                std = pool.c_proj.in_features**-0.5
+                for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+                    nn.init.normal_(proj.weight, std=std)
+                for name, param in self.visual.named_parameters():
+                    if name.startswith("layer") and name.endswith("bn3.weight"):
+                        nn.init.zeros_(param)
+            nn.init.normal_(self.text_projection, std=self.cfg.text.text_hidden_size**-0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        # transformers 5 renamed the switch (activation_*); 4.x only has gradient_*.
+        if hasattr(self.bert, "activation_checkpointing_enable"):
+            if enable:
+                self.bert.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.bert.activation_checkpointing_disable()
+        elif enable:
+            self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.bert.gradient_checkpointing_disable()
+
+    def clamp_logit_scale(self) -> None:
+        """Keep the temperature in [0, ln 100]; called after every optimizer step."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+
+    def encode_image(
+        self, image: torch.Tensor, mask_ratio: float = 0.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Unnormalised image features [B, embed_dim]; ``mask_ratio`` > 0 applies FLIP (ViT only)."""
+        return self.visual(image.to(self.dtype), mask_ratio, generator)
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Unnormalised text features [B, embed_dim] from the [CLS] hidden state; padding (id 0) is masked."""
+        text = trim_padding(text, PAD_ID)
+        mask = (text != PAD_ID).to(torch.long)
+        hidden = self.bert(input_ids=text, attention_mask=mask).last_hidden_state  # [B, L, H]
+        return hidden[:, 0].to(self.dtype) @ self.text_projection.to(self.dtype)
+
+    def forward(
+        self,
+        image: torch.Tensor | None,
+        text: torch.Tensor | None,
+        mask_ratio: float = 0.0,
+        generator: torch.Generator | None = None,
+    ):
+        """Like the reference: one input → its unnormalised features; both → (img_n, txt_n, exp(logit_scale))."""
+        if image is None and text is None:
+            raise ValueError("text and image cannot both be None!")
+        if image is None:
+            return self.encode_text(text)
+        if text is None:
+            return self.encode_image(image, mask_ratio, generator)
+        image_features = self.encode_image(image, mask_ratio, generator)
+        text_features = self.encode_text(text)
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        return image_features, text_features, self.logit_scale.exp()
+
+    def get_similarity(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits_per_image [B_i, B_t], logits_per_text [B_t, B_i])`` scaled by ``exp(logit_scale)``."""
+        image_features, text_features, scale = self.forward(image, text)
+        logits_per_image = scale * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - the reference exposes the tokenizer on the model
+        from cn_clip.tokenizer import get_tokenizer
+
+        return get_tokenizer()
