@@ -135,7 +135,8 @@ def _parse_line(line: bytes, where: str) -> Any:
 
 def _to_matrix(rows: list, path: Path, first_lineno: int, lines: Sequence[bytes]) -> np.ndarray:
     try:
-        matrix = np.array(rows, dtype=np.float32)  # Python float → float32, exactly as the reference
+        with np.errstate(over="ignore"):  # values beyond float32 become inf and are reported by _check_finite
+            matrix = np.array(rows, dtype=np.float32)  # Python float → float32, exactly as the reference
     except (ValueError, TypeError):
         matrix = None
     if matrix is None or matrix.ndim != 2 or matrix.shape[1] == 0:
