@@ -1,0 +1,150 @@
+"""Tokenizer throughput: cn_clip.tokenize against the reference cn-clip 1.6.0, on the same jieba phrases.
+
+The reference runs in its own venv (``--ref-python``, default /work/refvenv/bin/python) as a subprocess; ours runs
+in this process. Both tokenise the same texts to ``[N, 52]`` tensors; each timing is the median of ``--repeats``
+calls after ``--warmup`` untimed calls. The first ("cold") call of ours is reported separately: it builds the
+tokenizer and checks each new character once (see cn_clip/tokenizer.py). Outputs are compared for equality.
+
+    .venv/bin/python benchmarks/tokenize.py [--texts 10000] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_REF_PYTHON = "/work/refvenv/bin/python"
+
+_REFERENCE_SCRIPT = """
+import json, statistics, sys, time
+import cn_clip
+from cn_clip.clip import tokenize
+assert "site-packages" in cn_clip.__file__, cn_clip.__file__
+texts = json.load(open(sys.argv[1], encoding="utf-8"))
+warmup, repeats, context_length = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+for _ in range(warmup):
+    out = tokenize(texts, context_length=context_length)
+times = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    out = tokenize(texts, context_length=context_length)
+    times.append(time.perf_counter() - start)
+out.numpy().tofile(sys.argv[5])
+print(json.dumps({"times": times}))
+"""
+
+
+def jieba_phrases(count: int, seed: int = 0) -> list[str]:
+    """``count`` phrases of 3–8 random words from jieba's dictionary (mean ≈ 18 tokens, like SPEC §14)."""
+    import jieba
+
+    dictionary = Path(jieba.__file__).parent / "dict.txt"
+    words = [line.split(" ")[0] for line in dictionary.read_text(encoding="utf-8").splitlines()]
+    rng = random.Random(seed)
+    return ["".join(rng.sample(words, rng.randint(3, 8))) for _ in range(count)]
+
+
+def machine_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def time_calls(fn, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_reference(ref_python: str, texts: list[str], args: argparse.Namespace):
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        texts_path, ids_path = Path(tmp, "texts.json"), Path(tmp, "ids.bin")
+        texts_path.write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
+        cmd = [ref_python, "-P", "-c", _REFERENCE_SCRIPT, str(texts_path)]
+        cmd += [str(args.warmup), str(args.repeats), str(args.context_length), str(ids_path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"reference run failed ({' '.join(cmd[:2])}):\n{proc.stderr}")
+        times = json.loads(proc.stdout.strip().splitlines()[-1])["times"]
+        ids = np.fromfile(ids_path, dtype=np.int64).reshape(len(texts), args.context_length)
+    return times, ids
+
+
+def row(name: str, times: list[float], n: int) -> str:
+    median = statistics.median(times)
+    return f"| {name} | {median:.3f} | {min(times):.3f} | {n / median:,.0f} |"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--context-length", type=int, default=52)
+    parser.add_argument("--ref-python", default=DEFAULT_REF_PYTHON)
+    args = parser.parse_args(argv)
+
+    from cn_clip.tokenizer import FullTokenizer, get_tokenizer, tokenize
+
+    texts = jieba_phrases(args.texts)
+    start = time.perf_counter()
+    ours = tokenize(texts, context_length=args.context_length)
+    cold = time.perf_counter() - start
+    fast_times = time_calls(lambda: tokenize(texts, context_length=args.context_length), args.warmup, args.repeats)
+    python_only = FullTokenizer(use_fast=False)
+    python_times = time_calls(lambda: [python_only.encode(t) for t in texts], 1, max(3, args.repeats // 2))
+    mean_tokens = float((ours != 0).sum(dim=1).float().mean()) - 2
+
+    print(f"machine: {machine_name()}")
+    print(
+        f"{len(texts):,} jieba phrases, mean {mean_tokens:.1f} tokens without [CLS]/[SEP], "
+        f"context {args.context_length}"
+    )
+    print("| tokenizer | median s | min s | texts/s |")
+    print("|---|---|---|---|")
+    if Path(args.ref_python).exists():
+        ref_times, ref_ids = run_reference(args.ref_python, texts, args)
+        print(row("reference cn_clip.clip.tokenize (1.6.0)", ref_times, len(texts)))
+    else:
+        ref_ids = None
+        print(f"| reference | not run: {args.ref_python} missing | | |")
+    print(row("cn_clip.tokenize, first call (build + character check)", [cold], len(texts)))
+    print(row("cn_clip.tokenize (Rust fast path)", fast_times, len(texts)))
+    print(row("cn_clip pure-Python back end (ids only, no tensor)", python_times, len(texts)))
+    fast = get_tokenizer()._fast
+    if fast is not None:
+        print(f"characters checked: {len(fast.safe)} safe, {len(fast.unsafe)} routed to Python")
+    if ref_ids is not None:
+        same = bool((ours.numpy() == ref_ids).all())
+        print(f"identical to the reference: {same}")
+        if not same:
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    # This file's name shadows the standard library's ``tokenize`` (used by linecache/torch): drop its folder.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    main()
