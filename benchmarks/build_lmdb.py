@@ -1,0 +1,142 @@
+"""LMDB builder benchmark: cn_clip (validating) vs the reference builder (cn-clip 1.6.0, its own venv) on one input.
+
+    .venv/bin/python benchmarks/build_lmdb.py --images 5000 50000 --repeats 3
+
+Generates ``N`` base64 JPEGs of 256×256 (~24 KB each, like SPEC §14) plus one caption per image, then times each
+builder as a fresh subprocess (interpreter start included), interleaved, and prints a table naming the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REF_PYTHON = Path(os.environ.get("CN_CLIP_REF_PYTHON", "/work/refvenv/bin/python"))
+WORDS = (
+    "红色",
+    "蓝色",
+    "一只",
+    "小猫",
+    "狗",
+    "汽车",
+    "风景",
+    "山",
+    "海边",
+    "城市",
+    "夜晚",
+    "花朵",
+    "女士",
+    "男士",
+    "包包",
+    "连衣裙",
+    "手机壳",
+    "咖啡",
+    "杯子",
+    "照片",
+)
+
+
+def _base_jpegs(count: int, seed: int) -> list[bytes]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        low = (rng.random((48, 48, 3)) * 255).astype("uint8")
+        img = Image.fromarray(low).resize((256, 256), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=92)
+        images.append(buf.getvalue())
+    return images
+
+
+def generate(data_dir: Path, n_images: int, seed: int = 0) -> None:
+    """Write ``train_imgs.tsv`` / ``train_texts.jsonl`` with ``n_images`` images and as many captions."""
+    import base64
+    import random
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    b64s = [base64.b64encode(raw) for raw in _base_jpegs(64, seed)]
+    rng = random.Random(seed)
+    with open(data_dir / "train_imgs.tsv", "wb") as tsv:
+        for image_id in range(n_images):
+            tsv.write(b"%d\t%s\n" % (1000000 + image_id, b64s[image_id % len(b64s)]))
+    with open(data_dir / "train_texts.jsonl", "w", encoding="utf-8") as jsonl:
+        for text_id in range(n_images):
+            text = "".join(rng.choices(WORDS, k=rng.randint(3, 8)))
+            record = {"text_id": text_id, "text": text, "image_ids": [1000000 + text_id]}
+            jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _run(cmd: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def _commands(data_dir: Path, out: Path) -> dict[str, list[str]]:
+    common = ["--data_dir", str(data_dir), "--splits", "train", "--lmdb_dir", str(out)]
+    module = ["-m", "cn_clip.preprocess.build_lmdb_dataset"]
+    cmds = {
+        "cn_clip (validating, all cores)": [sys.executable, *module, *common],
+        "cn_clip --workers 1": [sys.executable, *module, *common, "--workers", "1"],
+        "cn_clip --no-check-images": [sys.executable, *module, *common, "--no-check-images"],
+    }
+    if REF_PYTHON.exists():
+        cmds["reference cn-clip 1.6.0"] = [str(REF_PYTHON), *module, *common]
+    return cmds
+
+
+def _cwd_for(name: str, scratch: Path) -> Path:
+    # The reference must not import this checkout's cn_clip: run it from an empty directory.
+    return scratch if name.startswith("reference") else REPO
+
+
+def bench(n_images: int, repeats: int, root: Path) -> list[tuple[str, int, float, float, int]]:
+    data_dir = root / f"raw{n_images}"
+    generate(data_dir, n_images)
+    tsv_mb = (data_dir / "train_imgs.tsv").stat().st_size / 1e6
+    print(f"# {n_images} images, TSV {tsv_mb:.1f} MB", flush=True)
+    times: dict[str, list[float]] = {}
+    sizes: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, cmd in _commands(data_dir, root / "out").items():
+            shutil.rmtree(root / "out", ignore_errors=True)
+            times.setdefault(name, []).append(_run(cmd, _cwd_for(name, root)))
+            sizes[name] = (root / "out" / "train" / "imgs" / "data.mdb").stat().st_size
+    shutil.rmtree(data_dir)
+    shutil.rmtree(root / "out", ignore_errors=True)
+    return [(name, n_images, statistics.median(ts), min(ts), sizes[name]) for name, ts in times.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, nargs="+", default=[5000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tmp", default=None, help="scratch directory (default: system temp)")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for n_images in args.images:
+            rows += bench(n_images, args.repeats, Path(tmp))
+    cpu = platform.processor() or platform.machine()
+    print(f"\nmachine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}")
+    print("| builder | images | median s | min s | imgs/data.mdb bytes |\n|---|---|---|---|---|")
+    for name, n_images, median, best, size in rows:
+        print(f"| {name} | {n_images} | {median:.2f} | {best:.2f} | {size:,} |")
+
+
+if __name__ == "__main__":
+    main()
