@@ -17,7 +17,6 @@ _EXPORTS = {
     "evaluate_retrieval": "cn_clip.eval.topk",
     "recall_at_k": "cn_clip.eval.metrics",
     "compute_score": "cn_clip.eval.metrics",
-    "make_topk_predictions": "cn_clip.eval.make_topk_predictions",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,3 +202,26 @@ def write_features_npy(
         np.save(handle, np.ascontiguousarray(matrix, dtype=np.dtype(dtype)))
     with atomic_write(ids_path_for(path)) as handle:
         json.dump({"id_key": id_key, "ids": list(ids)}, handle, ensure_ascii=False)
+
+
+def read_feature_files(
+    requests: Sequence[tuple[str | os.PathLike, str]], parallel: bool | None = None
+) -> list[Features]:
+    """``read_features`` for several (path, id_key) pairs; large JSONL files are parsed in parallel processes.
+
+    JSON parsing holds the GIL, so threads would not help; forked workers return the parsed matrices. Used only on
+    Linux (fork is safe there for this numpy-only work) with more than one CPU and ≥ 8 MiB of JSONL in total.
+    """
+    if parallel is None:
+        sizes = [Path(p).stat().st_size if Path(p).is_file() and Path(p).suffix != ".npy" else 0 for p, _ in requests]
+        parallel = len(requests) > 1 and sum(sizes) >= 8 << 20 and (os.cpu_count() or 1) > 1 and os.name == "posix"
+        parallel = parallel and sys.platform.startswith("linux")
+    if not parallel:
+        return [read_features(path, key) for path, key in requests]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(len(requests) - 1, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(read_features, path, key) for path, key in requests[1:]]
+        first = read_features(*requests[0])  # the parent parses one file meanwhile
+        return [first, *(future.result() for future in futures)]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.eval.directions import Direction, get_direction
-from cn_clip.eval.featio import FeatureId, read_features
+from cn_clip.eval.featio import FeatureId, read_feature_files
 from cn_clip.eval.topk import BACKENDS, DEFAULT_GALLERY_CHUNK, resolve_backend, topk_search
 from cn_clip.fileio import atomic_write
 
@@ -61,8 +61,9 @@ def make_topk_predictions(
     """Write one prediction line per query (query-file order); return the number of lines written."""
     direction = get_direction(direction)
     paths = {"image_id": image_feats, "text_id": text_feats}
-    gallery = read_features(paths[direction.gallery_key], direction.gallery_key)
-    queries = read_features(paths[direction.query_key], direction.query_key)
+    gallery, queries = read_feature_files(
+        [(paths[direction.gallery_key], direction.gallery_key), (paths[direction.query_key], direction.query_key)]
+    )
     if top_k > len(gallery):
         _logger.warning(
             "top-k %d > %d gallery %s: every line lists all of them", top_k, len(gallery), direction.gallery_noun
