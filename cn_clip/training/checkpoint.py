@@ -1,0 +1,105 @@
+"""Checkpoints in the reference layout (SPEC §2.6, §7.8), written atomically, plus exact-resume extras.
+
+File content: ``{"epoch", "step", "name", "state_dict" ("module."-prefixed reference keys), "optimizer"}`` — what
+the reference writes and reads — and one extra key ``"cn_clip"`` holding the exact data position (epoch index and
+micro-batches consumed), the global step, the seed and the loss scaler. The reference ignores the extra key.
+RNG state needs no saving: the trainer reseeds from ``(seed, step, rank)`` at every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from cn_clip.errors import CheckpointError
+from cn_clip.fileio import atomic_torch_save
+
+_logger = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+_STEP_FILE = re.compile(r"^epoch_(\d+)_(\d+)\.pt$")
+_EPOCH_FILE = re.compile(r"^epoch(\d+)\.pt$")
+
+
+@dataclasses.dataclass
+class Position:
+    """Where training stands: ``epoch`` (0-based) and ``batch`` = micro-batches of it already consumed."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0  # optimizer steps done in total
+
+
+def build_checkpoint(
+    name: str,
+    state_dict: dict,
+    optimizer: dict | None,
+    position: Position,
+    epoch_done: bool,
+    seed: int,
+    scaler: dict | None = None,
+) -> dict[str, Any]:
+    """``epoch`` is the reference's ``epoch + 1`` (also mid-epoch) and ``step`` the steps done."""
+    ckpt: dict[str, Any] = {"epoch": position.epoch + 1, "step": position.step, "name": name, "state_dict": state_dict}
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer
+    ckpt["cn_clip"] = {
+        "version": FORMAT_VERSION,
+        "epoch_index": position.epoch,
+        "batch_in_epoch": position.batch,
+        "epoch_done": epoch_done,
+        "global_step": position.step,
+        "seed": seed,
+        "scaler": scaler,
+    }
+    return ckpt
+
+
+def save(ckpt: dict[str, Any], path: Path) -> None:
+    start = time.time()
+    atomic_torch_save(ckpt, path)
+    _logger.info(
+        "Saved checkpoint %s (epoch %d @ %d steps) (writing took %s seconds)",
+        path,
+        ckpt["epoch"],
+        ckpt["step"],
+        time.time() - start,
+    )
+
+
+def prune(checkpoint_dir: Path, keep_last_k: int) -> list[Path]:
+    """Keep the newest ``keep_last_k`` numbered checkpoints (``epochN.pt``, ``epoch_E_S.pt``); never
+    ``epoch_latest.pt``. Returns what was deleted."""
+    if keep_last_k <= 0 or not checkpoint_dir.is_dir():
+        return []
+    numbered = []
+    for path in checkpoint_dir.iterdir():
+        if m := _STEP_FILE.match(path.name):
+            numbered.append(((int(m.group(1)), int(m.group(2)), 1), path))
+        elif m := _EPOCH_FILE.match(path.name):
+            numbered.append(((int(m.group(1)), 1 << 62, 0), path))
+    numbered.sort()
+    doomed = [path for _, path in numbered[:-keep_last_k]]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+        _logger.info("Removed old checkpoint %s (--keep-last-k %d)", path, keep_last_k)
+    return doomed
+
+
+def resume_position(ckpt: dict[str, Any], num_batches: int, accum_freq: int) -> Position:
+    """Where to continue. cn_clip files: the exact next micro-batch. Reference files (no ``cn_clip`` key): the
+    reference's rule, i.e. the start of epoch ``ckpt["epoch"]`` with the step recomputed from it (SPEC 12.12)."""
+    extra = ckpt.get("cn_clip")
+    if isinstance(extra, dict) and "epoch_index" in extra:
+        epoch, batch = int(extra["epoch_index"]), int(extra["batch_in_epoch"])
+        if extra.get("epoch_done") or batch >= num_batches:
+            epoch, batch = epoch + 1, 0
+        return Position(epoch, batch, int(extra["global_step"]))
+    try:
+        epoch = int(ckpt["epoch"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError("checkpoint has no integer 'epoch' (use --reset-data-offset)") from None
+    return Position(epoch, 0, (num_batches // accum_freq) * epoch)

@@ -1,0 +1,374 @@
+"""The training epoch and the validation pass. Never branches on the model family or the back end."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cn_clip.fileio import atomic_write
+from cn_clip.training import checkpoint as ckpt_io
+from cn_clip.training.distributed import DistEnv, all_gather_list, all_reduce_sum
+from cn_clip.training.engine import Engine
+from cn_clip.training.loss import ClipLoss, kd_loss
+from cn_clip.training.schedule import lr_at
+
+_logger = logging.getLogger(__name__)
+_MIX = 0x9E3779B97F4A7C15
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), so nearby steps/ranks get unrelated streams."""
+    value = 0
+    for part in parts:
+        value = (value ^ (int(part) + _MIX + (value << 6) + (value >> 2))) & ((1 << 64) - 1)
+        value = (value * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    return value >> 1
+
+
+@dataclasses.dataclass
+class Batch:
+    images: torch.Tensor
+    texts: torch.Tensor
+    image_keys: torch.Tensor
+    text_keys: torch.Tensor
+
+
+class Trainer:
+    def __init__(
+        self,
+        args: Any,
+        env: DistEnv,
+        engine: Engine,
+        data: dict,
+        checkpoint_dir: Path | None,
+        teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        writer: Any = None,
+    ) -> None:
+        self.args = args
+        self.env = env
+        self.engine = engine
+        self.data = data
+        self.checkpoint_dir = checkpoint_dir
+        self.teacher = teacher
+        self.writer = writer
+        self.loss_fn = ClipLoss(
+            rank=env.rank,
+            world_size=env.world_size,
+            aggregate=args.aggregate,
+            gather_with_grad=args.gather_with_grad,
+            local_loss=args.local_loss,
+            mask_duplicates=args.mask_duplicates,
+        )
+        self.accum = args.accum_freq
+        self.num_batches = data["train"].num_batches
+        self.steps_per_epoch = self.num_batches // self.accum
+        self.last_loss: float | None = None
+
+    # ---- one optimizer step -------------------------------------------------------------------------------------
+    def _to_device(self, raw: Any) -> Batch:
+        images, texts, _eos, image_keys, text_keys = raw
+        dev = self.env.device
+        return Batch(images.to(dev), texts.to(dev), image_keys.to(dev), text_keys.to(dev))
+
+    def _mask_generator(self, step: int, micro: int) -> torch.Generator | None:
+        if not self.args.mask_ratio:
+            return None
+        gen = torch.Generator(device=self.env.device)
+        gen.manual_seed(mix_seed(self.args.seed, step, micro, self.env.rank, 0xF11F))
+        return gen
+
+    def _features(self, batch: Batch, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image, text, scale = self.engine.forward(
+            batch.images, batch.texts, self.args.mask_ratio, self._mask_generator(step, micro)
+        )
+        return image, text, scale.mean()
+
+    def _loss(
+        self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, batches: list[Batch], teacher_feats: Any
+    ) -> tuple[torch.Tensor, dict]:
+        image_keys = torch.cat([b.image_keys for b in batches])
+        text_keys = torch.cat([b.text_keys for b in batches])
+        loss, acc = self.loss_fn(image, text, scale, image_keys, text_keys)
+        if teacher_feats is not None:
+            if self.loss_fn.aggregate:  # the teacher's rows in the same order as the student's
+                all_teacher, (all_image, _) = self.loss_fn.gather_keys(teacher_feats), self.loss_fn.gather_all(image)
+            else:
+                all_teacher, all_image = teacher_feats, image
+            loss = loss + self.args.kd_loss_weight * kd_loss(all_teacher, all_image.float())
+        return loss, acc
+
+    def _teacher_features(self, batches: list[Batch]) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return torch.cat([self.teacher(b.images).float() for b in batches])
+
+    def train_step(self, batches: list[Batch], step: int) -> tuple[torch.Tensor, dict]:
+        """One optimizer step over ``accum_freq`` micro-batches (feature caching when > 1, SPEC §7.5)."""
+        torch.manual_seed(mix_seed(self.args.seed, step, self.env.rank))  # dropout etc.: a function of the step
+        engine = self.engine
+        teacher_feats = self._teacher_features(batches)
+        if self.accum == 1:
+            with engine.autocast():
+                image, text, scale = self._features(batches[0], step, 0)
+                loss, acc = self._loss(image, text, scale, batches, teacher_feats)
+            engine.backward(loss)
+        else:
+            with torch.no_grad(), engine.autocast():
+                cached = [self._features(b, step, j)[:2] for j, b in enumerate(batches)]  # same mask as below
+            for j, batch in enumerate(batches):
+                with engine.no_sync(j < self.accum - 1):
+                    with engine.autocast():
+                        image_j, text_j, scale = self._features(batch, step, j)
+                        image = torch.cat([c[0] for c in cached[:j]] + [image_j] + [c[0] for c in cached[j + 1 :]])
+                        text = torch.cat([c[1] for c in cached[:j]] + [text_j] + [c[1] for c in cached[j + 1 :]])
+                        loss, acc = self._loss(image, text, scale, batches, teacher_feats)
+                    engine.backward(loss)
+        engine.step()
+        return loss.detach(), acc
+
+    # ---- one epoch ----------------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int, start_batch: int = 0) -> int:
+        """Train ``epoch`` from micro-batch ``start_batch``; returns the optimizer steps done."""
+        args, info = self.args, self.data["train"]
+        info.sampler.set_epoch(epoch)
+        info.sampler.set_start(start_batch * info.batch_size)
+        self.engine.module.train()
+        self.freeze_modes()
+        data_iter = iter(info.dataloader)
+        steps_done, end = 0, time.time()
+        progress = self._progress(self.steps_per_epoch - start_batch // self.accum)
+        for i_accum in range(start_batch // self.accum, self.steps_per_epoch):
+            step = self.steps_per_epoch * epoch + i_accum
+            if step >= args.max_steps:
+                _logger.info(
+                    "Stopping training due to step %d has reached max_steps %d", step, args.max_steps // self.accum
+                )
+                break
+            self.engine.set_lr(lr_at(step, args.lr, args.warmup, args.max_steps, args.skip_scheduler))
+            batches = [self._to_device(next(data_iter)) for _ in range(self.accum)]
+            data_time = time.time() - end
+            loss, acc = self.train_step(batches, step)
+            batch_time, end = time.time() - end, time.time()
+            steps_done += 1
+            position = ckpt_io.Position(epoch, (i_accum + 1) * self.accum, step + 1)
+            if progress is not None:
+                progress.update(1)
+            if (step + 1) % args.log_interval == 0:
+                self._log_train(epoch, i_accum, step, loss, acc, data_time, batch_time, len(batches[0].images))
+            if self._step_validation_due(step):
+                self.validate(epoch, step + 1)
+                self.engine.module.train()
+                self.freeze_modes()
+            if args.save_step_frequency > 0 and (step + 1) % args.save_step_frequency == 0:
+                self.save(position, epoch_done=False, names=[f"epoch_{epoch + 1}_{step + 1}.pt"])
+        if progress is not None:
+            progress.close()
+        return steps_done
+
+    def freeze_modes(self) -> None:
+        """Frozen towers run in eval mode (BatchNorm statistics and dropout stay fixed)."""
+        module = self.engine.module
+        if self.args.freeze_vision:
+            module.visual.eval()
+        if self.args.freeze_text:
+            module.bert.eval()
+
+    def _progress(self, total: int) -> Any:
+        if not (self.env.is_primary and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, leave=False, dynamic_ncols=True)
+
+    def _step_validation_due(self, step: int) -> bool:
+        interval = self.args.valid_step_interval
+        return "val" in self.data and bool(interval) and interval > 0 and (step + 1) % interval == 0
+
+    def _log_train(
+        self, epoch: int, i_accum: int, step: int, loss: torch.Tensor, acc: dict, data_t: float, batch_t: float, b: int
+    ) -> None:
+        self.last_loss = float(loss)
+        if not self.env.is_primary:
+            return
+        batch_size = b * self.accum
+        num_samples = (i_accum + 1) * batch_size * self.env.world_size
+        percent = 100.0 * (i_accum + 1) / self.steps_per_epoch
+        parts = [
+            f"Global Steps: {step + 1}/{self.args.max_steps}",
+            f"Train Epoch: {epoch + 1} [{num_samples}/{self.data['train'].num_samples} ({percent:.0f}%)]",
+            f"Loss: {float(loss):.6f}",
+        ]
+        if self.args.report_training_batch_acc:
+            parts += [
+                f"Image2Text Acc: {float(acc['i2t']) * 100:.2f}",
+                f"Text2Image Acc: {float(acc['t2i']) * 100:.2f}",
+            ]
+        parts += [
+            f"Data Time: {data_t:.3f}s",
+            f"Batch Time: {batch_t:.3f}s",
+            f"LR: {self.engine.lr:5f}",
+            f"logit_scale: {self.engine.logit_scale():.3f}",
+            f"Global Batch Size: {batch_size * self.env.world_size}",
+        ]
+        _logger.info(" | ".join(parts))
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", float(loss), step + 1)
+            self.writer.add_scalar("train/lr", self.engine.lr, step + 1)
+            self.writer.add_scalar("train/logit_scale", self.engine.logit_scale(), step + 1)
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, epoch: int, steps: int) -> dict[str, float]:
+        """The reference's in-batch loss/accuracy plus retrieval recall over the whole split (SPEC 12.26)."""
+        _logger.info("Begin to eval on validation set (epoch %d @ %d steps)...", epoch + 1, steps)
+        info = self.data["val"]
+        module = self.engine.module
+        module.eval()
+        info.sampler.set_epoch(0)
+        dev = self.env.device
+        sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss·B, i2t hits, t2i hits, count
+        feats: list[tuple[torch.Tensor, ...]] = []
+        batch_size = 0
+        for i, raw in enumerate(info.dataloader):
+            batch = self._to_device(raw)
+            with self.engine.autocast() if self.args.use_flash_attention else torch.autocast(dev.type, enabled=False):
+                image, text, scale = self.engine.forward(batch.images, batch.texts)
+            image, text = image.float(), text.float()
+            per_image = scale.mean().float() * image @ text.t()
+            labels = torch.arange(len(image), device=dev)
+            loss = (
+                torch.nn.functional.cross_entropy(per_image, labels)
+                + torch.nn.functional.cross_entropy(per_image.t(), labels)
+            ) / 2
+            batch_size = len(image)
+            sums += torch.stack(
+                [
+                    loss.double() * batch_size,
+                    (per_image.argmax(-1) == labels).sum().double(),
+                    (per_image.t().argmax(-1) == labels).sum().double(),
+                    torch.tensor(float(batch_size), dtype=torch.float64, device=dev),
+                ]
+            )
+            feats.append((image, text, batch.image_keys, batch.text_keys))
+            if (i + 1) % 100 == 0:
+                _logger.info("Evaluated %d/%d batches...", i + 1, info.num_batches)
+        all_reduce_sum(sums, self.env)
+        loss, i2t, t2i, count = (float(x) for x in sums)
+        if int(count) != info.num_samples:
+            _logger.warning("validation saw %d samples, expected %d", int(count), info.num_samples)
+        _logger.info(
+            f"Validation Result (epoch {epoch + 1} @ {steps} steps) | Valid Loss: {loss / count:.6f} | "
+            f"Image2Text Acc: {i2t / count * 100:.2f} | Text2Image Acc: {t2i / count * 100:.2f} | "
+            f"logit_scale: {self.engine.logit_scale():.3f} | Valid Batch Size: {batch_size}"
+        )
+        recalls = self._retrieval(feats)
+        metrics = {"loss": loss / count, "i2t_acc": i2t / count * 100, "t2i_acc": t2i / count * 100, **recalls}
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"val/{key}", value, steps)
+        self.last_validation = metrics
+        return metrics
+
+    def _retrieval(self, feats: list[tuple[torch.Tensor, ...]]) -> dict[str, float]:
+        if not feats:
+            return {}
+        local = [torch.cat([f[k] for f in feats]) for k in range(4)]
+        image, text, image_keys, text_keys = (torch.cat(all_gather_list(t, self.env)) for t in local)
+        recalls = retrieval_recall(image, text, image_keys, text_keys)
+        _logger.info(
+            "Validation Retrieval (%d texts, %d images) | Text2Image R@1: %.2f | R@5: %.2f | R@10: %.2f | "
+            "Image2Text R@1: %.2f | R@5: %.2f | R@10: %.2f | Mean Recall: %.2f",
+            int(recalls.pop("num_texts")),
+            int(recalls.pop("num_images")),
+            *(recalls[k] for k in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall")),
+        )
+        return recalls
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    def save(self, position: ckpt_io.Position, epoch_done: bool, names: list[str]) -> None:
+        """Write ``names`` (then ``epoch_latest.pt``) atomically on rank 0; DeepSpeed state on every rank."""
+        if self.checkpoint_dir is None:
+            return
+        state = self.engine.model_state_dict()  # collective under ZeRO-3
+        if self.engine.is_deepspeed:
+            self.engine.save_extra(self.checkpoint_dir, "latest")
+        if not self.env.is_primary:
+            return
+        ckpt = ckpt_io.build_checkpoint(
+            self.args.name,
+            state,
+            self.engine.optimizer_state_dict(),
+            position,
+            epoch_done,
+            self.args.seed,
+            self.engine.scaler_state_dict(),
+        )
+        first = self.checkpoint_dir / names[0]
+        ckpt_io.save(ckpt, first)
+        for name in [n for n in [*names[1:], "epoch_latest.pt"] if n != names[0]]:
+            start = time.time()
+            with atomic_write(self.checkpoint_dir / name, "wb") as out, first.open("rb") as src:
+                shutil.copyfileobj(src, out, 1 << 24)
+            _logger.info(
+                "Saved checkpoint %s (epoch %d @ %d steps) (writing took %s seconds)",
+                self.checkpoint_dir / name,
+                ckpt["epoch"],
+                ckpt["step"],
+                time.time() - start,
+            )
+        ckpt_io.prune(self.checkpoint_dir, self.args.keep_last_k)
+
+
+def retrieval_recall(
+    image: torch.Tensor, text: torch.Tensor, image_keys: torch.Tensor, text_keys: torch.Tensor, chunk: int = 1024
+) -> dict[str, float]:
+    """Text→image and image→text R@1/5/10 (%) and their mean over unique images/texts of a pair list.
+
+    A query counts as found at k if any of its ground-truth items (pairs sharing its id) is in the top k.
+    """
+    img_uniq, img_first = _first_occurrence(image_keys)
+    txt_uniq, txt_first = _first_occurrence(text_keys)
+    img_index = {int(k): i for i, k in enumerate(img_uniq.tolist())}
+    txt_index = {int(k): i for i, k in enumerate(txt_uniq.tolist())}
+    truth = torch.zeros(len(txt_uniq), len(img_uniq), dtype=torch.bool)
+    for ik, tk in zip(image_keys.tolist(), text_keys.tolist(), strict=True):
+        truth[txt_index[tk], img_index[ik]] = True
+    image_u, text_u = image[img_first].float().cpu(), text[txt_first].float().cpu()
+    out: dict[str, float] = {"num_texts": len(txt_uniq), "num_images": len(img_uniq)}
+    for name, queries, gallery, gt in (("t2i", text_u, image_u, truth), ("i2t", image_u, text_u, truth.t())):
+        hits = dict.fromkeys((1, 5, 10), 0)
+        for start in range(0, len(queries), chunk):
+            sims = queries[start : start + chunk] @ gallery.t()
+            top = sims.topk(min(10, gallery.shape[0]), dim=1).indices
+            found = gt[start : start + chunk].gather(1, top)
+            for k in hits:
+                hits[k] += int(found[:, :k].any(dim=1).sum())
+        for k, value in hits.items():
+            out[f"{name}_r{k}"] = 100.0 * value / len(queries)
+    out["mean_recall"] = sum(out[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)) / 6
+    return out
+
+
+def _first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    seen: dict[int, int] = {}
+    for i, key in enumerate(keys.tolist()):
+        seen.setdefault(key, i)
+    return torch.tensor(list(seen.keys()), dtype=torch.long), torch.tensor(list(seen.values()), dtype=torch.long)
+
+
+def resolve_max_steps(args: Any, num_batches: int) -> None:
+    """SPEC §7.2 step 4: ``--max-steps`` wins and sets the epochs; otherwise steps follow from the epochs."""
+    if args.max_steps is not None:
+        args.max_epochs = math.ceil(args.max_steps * args.accum_freq / num_batches)
+    else:
+        args.max_steps = (num_batches // args.accum_freq) * args.max_epochs

@@ -1,0 +1,264 @@
+"""``python -m cn_clip.training.main``: contrastive fine-tuning with the reference's flags (SPEC §7).
+
+Runs as one plain process (CPU or one GPU), under ``torchrun`` (gloo on CPU, nccl on GPU) or under the
+``deepspeed`` launcher with ``--deepspeed --deepspeed_config F``. Orchestration only; the work is in the modules.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cn_clip.cli.runner import run_cli, setup_logging
+from cn_clip.errors import CheckpointError, ConfigError
+
+_logger = logging.getLogger("cn_clip.training")
+RN_FLIP_NOTE = (
+    "Note: mask_ratio > 0 (FLIP strategy) is currently only implemented for VisualTransformer. "
+    "It will not function for ResNet backbone."
+)
+
+
+def _run_dir(args: Any) -> Path | None:
+    if args.logs is None or str(args.logs).strip().lower() in ("", "none"):
+        return None
+    return Path(args.logs) / args.name
+
+
+def _setup_logging(args: Any, env: Any, run_dir: Path | None, time_suffix: str) -> None:
+    log_file = None
+    if run_dir is not None and env.is_primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_file = str(run_dir / f"out_{time_suffix}.log")
+    setup_logging(logging.DEBUG if args.debug else logging.INFO, log_file, prefix=f"Rank {env.rank} | ")
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % (2**32))
+    torch.manual_seed(seed + rank)
+
+
+def _check_args(args: Any, model: Any) -> None:
+    if args.mask_ratio and not model.is_vit:
+        raise ConfigError(f"--mask-ratio {args.mask_ratio}: {RN_FLIP_NOTE}")
+    if not 0 <= args.mask_ratio < 1:
+        raise ConfigError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.accum_freq < 1 or args.batch_size < 1 or args.valid_batch_size < 1:
+        raise ConfigError("--accum-freq, --batch-size and --valid-batch-size must be ≥ 1")
+    if args.distillation and not args.teacher_model_name:
+        raise ConfigError("--distillation needs --teacher-model-name")
+    if args.use_flash_attention:
+        _logger.info("Using FlashAttention.")  # SDPA picks flash kernels when available; no key changes
+
+
+def _build_model(args: Any, env: Any) -> Any:
+    import torch
+
+    from cn_clip.models.factory import create_model, load
+
+    for path, what in ((args.clip_weight_path, "CLIP"), (args.bert_weight_path, "BERT")):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"Pretrained {what} weight not exists! ({path})")
+    model = create_model(f"{args.vision_model.replace('/', '-')}@{args.text_model}")
+    load(model, "cpu", args.clip_weight_path, args.bert_weight_path)
+    _check_args(args, model)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+        _logger.info("Grad-checkpointing activated.")
+    if args.use_bn_sync and env.distributed and env.world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.freeze_vision:
+        for param in model.visual.parameters():
+            param.requires_grad = False
+        _logger.info("The visual encoder is freezed during training.")
+    if args.freeze_text:
+        for param in [*model.bert.parameters(), model.text_projection]:
+            param.requires_grad = False
+        _logger.info("The text encoder is frozen during training.")
+    return model
+
+
+def _resume_path(args: Any, checkpoint_dir: Path | None) -> Path | None:
+    if args.resume:
+        path = Path(args.resume).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"--resume {path}: no such checkpoint file (refusing to train from scratch)")
+        return path
+    if checkpoint_dir is not None and (checkpoint_dir / "epoch_latest.pt").is_file():
+        path = checkpoint_dir / "epoch_latest.pt"
+        _logger.warning("No --resume given: auto-resuming from %s (delete it or change --name to start fresh)", path)
+        return path
+    return None
+
+
+def _load_weights(model: Any, path: Path) -> dict:
+    from cn_clip.weights import load_state_dict_strict, read_checkpoint, state_dict_of
+
+    _logger.info("=> begin to load checkpoint '%s'", path)
+    ckpt = read_checkpoint(path)
+    load_state_dict_strict(model, state_dict_of(ckpt, str(path)), str(path))
+    return ckpt
+
+
+def _restore_training_state(args: Any, engine: Any, ckpt: dict, path: Path, num_batches: int, ckdir: Any) -> Any:
+    from cn_clip.training.checkpoint import Position, resume_position
+
+    position = Position()
+    if not args.reset_data_offset:
+        position = resume_position(ckpt, num_batches, args.accum_freq)
+    if not args.reset_optimizer:
+        if engine.is_deepspeed:
+            if ckdir is not None and engine.load_extra(ckdir, "latest"):
+                _logger.info("=> optimizer state is restored from the DeepSpeed checkpoint")
+        elif "optimizer" in ckpt:
+            try:
+                engine.load_optimizer_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{path}: optimizer state does not fit this model/flags ({exc})") from None
+            extra = ckpt.get("cn_clip") or {}
+            engine.load_scaler_state_dict(extra.get("scaler"))
+            _logger.info("=> optimizer state is restored from the checkpoint")
+        else:
+            _logger.warning("%s has no optimizer state (a released file?): starting a fresh optimizer", path)
+    _logger.info("=> loaded checkpoint '%s' (epoch %s @ %s steps)", path, ckpt.get("epoch"), ckpt.get("step"))
+    return position
+
+
+def _build_teacher(args: Any, env: Any) -> Any:
+    if not args.distillation:
+        return None
+    from cn_clip.models.factory import load_from_name
+    from cn_clip.models.pretrained import PRETRAINED
+
+    name = args.teacher_model_name
+    if name not in PRETRAINED and not os.path.isfile(name):
+        try:
+            import modelscope  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"teacher {name!r} is neither a cn_clip model name nor a file; ModelScope teachers need "
+                "modelscope (`pip install modelscope`)"
+            ) from None
+        raise ConfigError(f"Error: Valid teacher model name has not been built: {name!r} (ModelScope teachers TBD)")
+    teacher, _ = load_from_name(name, device=str(env.device))
+    teacher.float().eval().requires_grad_(False)
+    _logger.info("Teacher model loaded from %s", name)
+    return teacher.encode_image
+
+
+def _log_params(args: Any, env: Any, run_dir: Path | None, time_suffix: str) -> None:
+    from cn_clip.fileio import atomic_write
+
+    lines = [f"{name}: {getattr(args, name)}" for name in sorted(vars(args))]
+    if env.is_primary:
+        _logger.info("Params:")
+        if run_dir is not None:
+            with atomic_write(run_dir / f"params_{time_suffix}.txt") as handle:
+                handle.write("".join(line + "\n" for line in lines))
+    if env.is_local_primary:
+        for line in lines:
+            _logger.info("  %s", line)
+    _logger.info("Use %s: %s for training", "GPU" if env.device.type == "cuda" else "device", env.device)
+
+
+def _make_engine(args: Any, model: Any, env: Any) -> Any:
+    from cn_clip.training.engine import DeepSpeedEngine, Engine, resolve_deepspeed_config
+    from cn_clip.training.optim import create_optimizer, param_groups
+
+    optimizer = create_optimizer(
+        param_groups(model, args.wd, args.wd_groups), args.lr, (args.beta1, args.beta2), args.eps
+    )
+    if args.deepspeed:
+        config = resolve_deepspeed_config(
+            args.deepspeed_config, args.batch_size, args.accum_freq, env.world_size, args.precision, args.grad_clip_norm
+        )
+        return DeepSpeedEngine(model, optimizer, env, config, args.precision)
+    return Engine(model, optimizer, env, args.precision, args.grad_clip_norm, static_graph=args.grad_checkpointing)
+
+
+def _tensorboard(args: Any, env: Any, run_dir: Path | None) -> Any:
+    if not (args.tensorboard and env.is_primary and run_dir is not None):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def train(args: Any) -> dict:
+    """Build everything from parsed ``args`` and train; returns a summary (last loss, validation metrics)."""
+    from cn_clip.data.loader import get_data
+    from cn_clip.training.checkpoint import Position
+    from cn_clip.training.distributed import cleanup, init_distributed
+    from cn_clip.training.loop import Trainer, resolve_max_steps
+
+    env = init_distributed(args.deepspeed, args.device)
+    time_suffix = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d-%H-%M-%S")
+    run_dir = _run_dir(args)
+    _setup_logging(args, env, run_dir, time_suffix)
+    checkpoint_dir = run_dir / "checkpoints" if run_dir is not None else None
+    try:
+        _seed_everything(args.seed, env.rank)
+        model = _build_model(args, env)
+        resume = _resume_path(args, checkpoint_dir)
+        ckpt = _load_weights(model, resume) if resume else None
+        model.to(env.device)
+        data = get_data(args, env.world_size, env.rank, model.cfg.vision.image_resolution)
+        resolve_max_steps(args, data["train"].num_batches)
+        engine = _make_engine(args, model, env)
+        _log_params(args, env, run_dir, time_suffix)
+        position = Position()
+        if ckpt is not None:
+            position = _restore_training_state(args, engine, ckpt, resume, data["train"].num_batches, checkpoint_dir)
+        trainer = Trainer(
+            args, env, engine, data, checkpoint_dir, _build_teacher(args, env), _tensorboard(args, env, run_dir)
+        )
+        _run_epochs(args, trainer, position)
+        if trainer.writer is not None:
+            trainer.writer.close()
+        return {"last_loss": trainer.last_loss, "validation": getattr(trainer, "last_validation", None)}
+    finally:
+        cleanup(env)
+
+
+def _run_epochs(args: Any, trainer: Any, position: Any) -> None:
+    from cn_clip.training.checkpoint import Position
+
+    epoch, start_batch = position.epoch, position.batch
+    for epoch in range(position.epoch, args.max_epochs):
+        _logger.info("Start epoch %d", epoch + 1)
+        steps = trainer.train_epoch(epoch, start_batch if epoch == position.epoch else 0)
+        done_step = min(trainer.steps_per_epoch * (epoch + 1), args.max_steps)
+        epoch_done = done_step == trainer.steps_per_epoch * (epoch + 1)
+        batch = trainer.num_batches if epoch_done else (done_step - trainer.steps_per_epoch * epoch) * args.accum_freq
+        interval = args.valid_epoch_interval
+        if "val" in trainer.data and interval and interval > 0 and (epoch + 1) % interval == 0:
+            trainer.validate(epoch, done_step)
+        if steps > 0:
+            number = epoch + 1
+            names = (
+                [f"epoch{number}.pt"] if number == args.max_epochs or number % args.save_epoch_frequency == 0 else []
+            )
+            trainer.save(Position(epoch, batch, done_step), epoch_done, names or ["epoch_latest.pt"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cn_clip.training.params import parse_args
+
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,119 @@
+"""Training flags: the reference's names and defaults (SPEC §7.1), the shared groups of cli/args.py, and additions."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from cn_clip.cli.args import add_context_length_arg, add_model_args, add_precision_arg, add_resume_arg
+from cn_clip.training.optim import WD_GROUPS, default_hparams
+
+
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--train-data", required=True, help="train split LMDB dir (imgs/, pairs/) or synthetic:N[:C]")
+    group.add_argument("--val-data", default=None, help="validation split LMDB dir; none = no validation")
+    group.add_argument("--num-workers", type=int, default=4, help="train DataLoader workers")
+    group.add_argument("--valid-num-workers", type=int, default=1, help="validation DataLoader workers")
+    group.add_argument("--batch-size", type=int, default=64, help="batch size per process")
+    group.add_argument("--valid-batch-size", type=int, default=64, help="validation batch size per process")
+    group.add_argument("--use-augment", action="store_true", default=False, help="random training augmentation")
+    group.add_argument(
+        "--on-bad-sample", choices=("fail", "skip"), default="fail", help="unreadable pair: stop (default) or skip"
+    )
+
+
+def _log_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("logging and checkpoints")
+    group.add_argument("--logs", default="./logs/", help="output root; 'none' or '' writes nothing")
+    group.add_argument("--name", default="train_clip", help="experiment dir under --logs")
+    group.add_argument("--log-interval", type=int, default=10, help="log every N steps")
+    group.add_argument("--report-training-batch-acc", action="store_true", default=False, help="log in-batch acc")
+    group.add_argument("--valid-step-interval", type=int, default=None, help="validate every N steps; none/0 = off")
+    group.add_argument("--valid-epoch-interval", type=int, default=1, help="validate every N epochs; 0 = off")
+    group.add_argument("--save-epoch-frequency", type=int, default=1, help="write epochN.pt every N epochs")
+    group.add_argument("--save-step-frequency", type=int, default=-1, help="write epoch_E_S.pt every N steps")
+    group.add_argument(
+        "--keep-last-k", "--keep-last", dest="keep_last_k", type=int, default=0, help="keep the newest K epoch*.pt"
+    )
+    group.add_argument("--tensorboard", action="store_true", default=False, help="TensorBoard scalars in the run dir")
+    group.add_argument("--debug", action="store_true", default=False, help="DEBUG logging")
+
+
+def _optim_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (wins over --max-epochs)")
+    group.add_argument("--max-epochs", type=int, default=32, help="epochs")
+    group.add_argument("--lr", type=float, default=None, help="learning rate (default per model)")
+    group.add_argument("--beta1", type=float, default=None, help="Adam beta1 (default per model)")
+    group.add_argument("--beta2", type=float, default=None, help="Adam beta2 (default per model)")
+    group.add_argument("--eps", type=float, default=None, help="Adam epsilon (default per model)")
+    group.add_argument("--wd", type=float, default=0.2, help="weight decay of the decay group")
+    group.add_argument("--wd-groups", choices=WD_GROUPS, default="reference", help="decay grouping (see optim.py)")
+    group.add_argument("--warmup", type=int, default=500, help="linear warm-up steps")
+    group.add_argument("--skip-scheduler", action="store_true", default=False, help="constant LR")
+    group.add_argument("--grad-clip-norm", type=float, default=None, help="clip the global grad norm")
+    group.add_argument("--accum-freq", type=int, default=1, help="feature-caching accumulation over k micro-batches")
+    group.add_argument("--seed", type=int, default=123, help="seeds the sampler, torch, FLIP masks, augmentation")
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    add_context_length_arg(parser)
+    add_precision_arg(parser)
+    add_resume_arg(parser)
+    group = parser.add_argument_group("model training")
+    group.add_argument("--reset-optimizer", action="store_true", default=False, help="don't load optimizer state")
+    group.add_argument("--reset-data-offset", action="store_true", default=False, help="don't restore epoch/step")
+    group.add_argument("--mask-ratio", type=float, default=0, help="FLIP: fraction of patches dropped (ViT)")
+    group.add_argument("--clip-weight-path", default=None, help="flat CLIP dict to initialise the image tower")
+    group.add_argument("--bert-weight-path", default=None, help="flat BERT dict to initialise the text tower")
+    group.add_argument("--freeze-vision", action="store_true", default=False, help="image tower frozen (LiT)")
+    group.add_argument("--freeze-text", action="store_true", default=False, help="text tower frozen")
+    group.add_argument("--grad-checkpointing", action="store_true", default=False, help="recompute activations")
+    group.add_argument("--use-flash-attention", action="store_true", default=False, help="SDPA / flash kernels")
+    group.add_argument("--use-bn-sync", action="store_true", default=False, help="SyncBatchNorm (ResNet)")
+
+
+def _loss_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("loss")
+    group.add_argument("--gather-with-grad", action="store_true", default=False, help="autograd all-gather")
+    group.add_argument("--skip-aggregate", action="store_true", default=False, help="local [B, B] loss only")
+    group.add_argument("--local-loss", action="store_true", default=False, help="only this rank's rows (O(B·N))")
+    group.add_argument(
+        "--mask-duplicates",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pairs sharing an image or text id are not negatives (--no-mask-duplicates: the reference)",
+    )
+    group.add_argument("--distillation", action="store_true", default=False, help="image-feature distillation")
+    group.add_argument("--teacher-model-name", default=None, help="teacher: cn_clip name/checkpoint or ModelScope id")
+    group.add_argument("--kd_loss_weight", type=float, default=0.5, help="weight of the distillation loss")
+
+
+def _launcher_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("launcher")
+    group.add_argument("--deepspeed", action="store_true", default=False, help="run under DeepSpeed")
+    group.add_argument("--deepspeed_config", "--deepspeed-config", default=None, help="DeepSpeed JSON config")
+    group.add_argument("--device", default=None, help="override the device (default: cuda:LOCAL_RANK or cpu)")
+    # the deepspeed launcher appends --local_rank=N; the rank is read from the environment instead
+    group.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cn_clip.training.main", description="Contrastive fine-tuning of Chinese CLIP."
+    )
+    for add in (_data_args, _log_args, _optim_args, _model_args, _loss_args, _launcher_args):
+        add(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    lr, (beta1, beta2), eps = default_hparams(args.vision_model)
+    for name, value in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.aggregate = not args.skip_aggregate
+    return args
