@@ -156,6 +156,35 @@ def test_random_mixtures_agree_across_back_ends() -> None:
     assert tk.FullTokenizer().encode_batch(texts) == [python_only.encode(t) for t in texts]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ΑΣ.Β ΑΣ. Σ",  # final sigma looks across case-ignorable punctuation: routed to Python
+        "a.\u0301b c,\u0903d",  # marks right after a boundary
+        "a\x1c.b\x00,c",  # dropped characters next to boundaries join their run
+        "x\u2028y,z\u00a0w",  # non-ASCII whitespace stays inside runs
+        "Café,CAFÉ.café",
+        "ǅ!ǈ?İ;",
+        "iPhone13手机壳 iPhone13",
+        "\ue000a.b\ue000",  # private use inside runs: Python, not Rust
+        "b" * 199 + "." + "c" * 201,  # the 200-character limit applies per word
+    ],
+)
+def test_segmented_lane_matches_python(text: str) -> None:
+    python_only = tk.FullTokenizer(use_fast=False)
+    assert tk.FullTokenizer().encode_batch([text, text]) == [python_only.encode(text)] * 2
+
+
+def test_run_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tk, "_RUN_MEMO_SIZE", 8)
+    tokenizer = tk.FullTokenizer()
+    texts = [f"word{i}, more{i}" for i in range(20)]
+    python_only = tk.FullTokenizer(use_fast=False)
+    for start in range(0, 20, 4):
+        assert tokenizer.encode_batch(texts[start : start + 4]) == [python_only.encode(t) for t in texts[start:][:4]]
+        assert len(tokenizer._runs) <= 8
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Documented examples and API
 # --------------------------------------------------------------------------------------------------------------------
