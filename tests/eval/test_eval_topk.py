@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from cn_clip.errors import DataError
-from cn_clip.eval.featio import Features, read_features, write_features_jsonl, write_features_npy
+from cn_clip.eval.featio import (
+    Features,
+    read_feature_files,
+    read_features,
+    write_features_jsonl,
+    write_features_npy,
+)
 from cn_clip.eval.make_topk_predictions import main as topk_main
 from cn_clip.eval.make_topk_predictions import make_topk_predictions
 from cn_clip.eval.metrics import compute_score
@@ -155,3 +161,17 @@ def test_cuda_backend_matches_cpu():
     cpu = topk_search(queries, gallery, 10)
     gpu = topk_search(queries, gallery, 10, backend="torch", device="cuda", gallery_chunk=1000)
     np.testing.assert_array_equal(cpu.indices, gpu.indices)
+
+
+def test_parallel_reading_equals_sequential_and_reports_errors(tmp_path):
+    write_features_jsonl(tmp_path / "img.jsonl", [1, 2], _tied(2, 4, 8), "image_id")
+    write_features_jsonl(tmp_path / "txt.jsonl", ["a"], _tied(1, 4, 9), "text_id")
+    requests = [(tmp_path / "img.jsonl", "image_id"), (tmp_path / "txt.jsonl", "text_id")]
+    sequential = read_feature_files(requests, parallel=False)
+    parallel = read_feature_files(requests, parallel=True)
+    for a, b in zip(sequential, parallel, strict=True):
+        assert a.ids == b.ids and a.id_key == b.id_key
+        np.testing.assert_array_equal(a.matrix, b.matrix)
+    (tmp_path / "txt.jsonl").write_text('{"text_id": "a"}\n')
+    with pytest.raises(DataError, match=r"txt.jsonl:1: expected an object"):
+        read_feature_files(requests, parallel=True)
