@@ -1,0 +1,50 @@
+"""Convert between reference checkpoints and Hugging Face ``ChineseCLIPModel`` folders.
+
+    python -m cn_clip.convert to-hf CKPT OUT_DIR [--arch ViT-B-16@RoBERTa-wwm-ext-base-chinese] [--overwrite]
+    python -m cn_clip.convert from-hf HF_DIR CKPT
+
+ViT towers convert losslessly both ways; the RN50 tower has no HF counterpart (clear error).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from cn_clip.cli.runner import run_cli, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cn_clip.convert", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_hf = commands.add_parser("to-hf", help="reference checkpoint → ChineseCLIPModel folder")
+    to_hf.add_argument("checkpoint", help="reference .pt checkpoint (or .safetensors)")
+    to_hf.add_argument("out_dir", help="folder to create: config.json, model.safetensors, tokenizer, processor")
+    to_hf.add_argument("--arch", default=None, help="'vision@text' or released name (default: inferred from shapes)")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    from_hf = commands.add_parser("from-hf", help="ChineseCLIPModel folder → reference checkpoint")
+    from_hf.add_argument("hf_dir", help="folder with config.json and model.safetensors")
+    from_hf.add_argument("checkpoint", help="output .pt in the reference layout")
+    return parser
+
+
+def convert(argv: Sequence[str] | None = None) -> int:
+    from cn_clip.deploy.hf import checkpoint_to_hf, hf_to_checkpoint
+
+    args = build_parser().parse_args(argv)
+    if args.command == "to-hf":
+        out = checkpoint_to_hf(args.checkpoint, args.out_dir, args.arch, args.overwrite)
+        print(f"Hugging Face ChineseCLIPModel written to {out}")
+    else:
+        out = hf_to_checkpoint(args.hf_dir, args.checkpoint)
+        print(f"Reference checkpoint written to {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    return run_cli(convert, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
