@@ -5,17 +5,19 @@ Two back ends produce the same ids:
 * a pure-Python BasicTokenizer + WordPiece (:class:`BasicTokenizer`, :class:`WordpieceTokenizer`), the ground truth,
   written to follow the reference algorithm step by step (SPEC §4);
 * a Rust ``tokenizers`` pipeline (BertNormalizer + BertPreTokenizer + WordPiece with the reference's 200-character
-  word limit), used for speed.
+  word limit).
 
-The two differ on a few characters (private-use and unassigned code points, which Rust drops and the reference
-keeps; context-dependent lower-casing of a final ``Σ``; canonical reordering of spacing combining marks; code
-points whose Unicode data differs between Python and Rust). The fast path is therefore taken per text, and only
-when every character of the text has been checked: each new character is probed once through both back ends and
-judged safe only if both split and normalise it identically (see :class:`_FastPath`). Everything else goes
-through the Python back end.
+They differ on a few characters (private-use code points, which Rust drops and the reference keeps; context-dependent
+lower-casing of a final ``Σ``; characters whose Unicode data is older in Rust; CJK Extension E+). Rust is therefore
+used only for text whose every character has been checked: each new character is probed once through both back
+ends and admitted only if both split and normalise it identically (:class:`_FastPath`).
+
+:meth:`FullTokenizer.encode_batch` (used by :func:`tokenize`) adds two exact shortcuts in front: per-character
+lookup for text made only of characters that tokenise the same wherever they stand (CJK, punctuation, whitespace),
+and, for other text, splitting at characters that always end a word and memoising the runs between them.
 
 Nothing is built at import time: :func:`get_tokenizer` builds the tokenizer on first use and caches it. This module
-imports neither torch nor transformers at module level.
+imports neither torch, numpy, tokenizers nor transformers at module level.
 """
 
 from __future__ import annotations
@@ -304,8 +306,8 @@ class _FastPath:
 class FullTokenizer:
     """Drop-in for the reference ``cn_clip.clip.bert_tokenizer.FullTokenizer`` (same attributes and methods).
 
-    ``tokenize``/``encode`` use the pure-Python back end for single texts; :meth:`encode_batch` uses the Rust back
-    end for every text whose characters are proven safe (``use_fast=False`` forces Python everywhere).
+    ``tokenize``/``encode`` use the pure-Python back end; :meth:`encode_batch` (used by :func:`tokenize`) takes the
+    fastest exact lane per text. ``use_fast=False`` keeps Rust out (the shortcuts stay: they are pure Python).
     """
 
     def __init__(self, vocab_file: str | Path | None = None, do_lower_case: bool = True, use_fast: bool = True) -> None:
