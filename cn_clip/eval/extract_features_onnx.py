@@ -1,0 +1,135 @@
+"""Image and text features from exported ONNX encoders; the reference's ``extract_features_onnx.py`` CLI.
+
+``python -m cn_clip.eval.extract_features_onnx --extract-image-feats --extract-text-feats --image-data LMDB/imgs
+--text-data valid_texts.jsonl --onnx-image-model m.img.fp16.onnx --onnx-text-model m.txt.fp16.onnx --device cpu``.
+Output files are the PyTorch extractor's (L2-normalised ``{"image_id"|"text_id", "feature"}`` lines). Any batch size
+works with cn_clip's dynamic-axis exports; the reference's fixed batch-1 graphs are run item by item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from cn_clip.cli.args import add_context_length_arg, add_model_args
+from cn_clip.cli.runner import run_cli, setup_logging
+from cn_clip.errors import ConfigError
+
+_logger = logging.getLogger(__name__)
+
+REFERENCE_IMAGE_DATA = "../Multimodal_Retrieval/lmdb/test/imgs"
+REFERENCE_TEXT_DATA = "../Multimodal_Retrieval/test_texts.jsonl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Extract L2-normalised features with ONNX Runtime.")
+    parser.add_argument("--extract-image-feats", action="store_true", default=False, help="extract image features")
+    parser.add_argument("--extract-text-feats", action="store_true", default=False, help="extract text features")
+    parser.add_argument("--image-data", type=str, default=REFERENCE_IMAGE_DATA, help="an imgs LMDB directory")
+    parser.add_argument("--text-data", type=str, default=REFERENCE_TEXT_DATA, help="texts JSONL file")
+    parser.add_argument("--image-feat-output-path", type=str, default=None, help="default: derived from --text-data")
+    parser.add_argument("--text-feat-output-path", type=str, default=None, help="default: derived from --text-data")
+    parser.add_argument("--img-batch-size", type=int, default=1, help="image batch size")
+    parser.add_argument("--text-batch-size", type=int, default=1, help="text batch size")
+    add_context_length_arg(parser)
+    parser.add_argument("--onnx-image-model", default=None, type=str, help="*.img.{fp32,fp16,int8}.onnx")
+    parser.add_argument("--onnx-text-model", default=None, type=str, help="*.txt.{fp32,fp16,int8}.onnx")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="onnxruntime provider")
+    add_model_args(parser)  # only the image resolution is read from --vision-model
+    parser.add_argument("--debug", default=False, action="store_true", help="log at DEBUG level")
+    extra = parser.add_argument_group("cn_clip additions")
+    extra.add_argument("--num-workers", type=int, default=0, help="DataLoader reader processes")
+    extra.add_argument(
+        "--image-id-type", choices=("auto", "int", "str"), default="auto", help="LMDB key → id (int = reference)"
+    )
+    extra.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not (args.extract_image_feats or args.extract_text_feats):
+        raise ConfigError("--extract-image-feats and --extract-text-feats cannot both be False!")
+    for name in ("img_batch_size", "text_batch_size", "context_length"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for wanted, flag, path in (
+        (args.extract_image_feats, "--onnx-image-model", args.onnx_image_model),
+        (args.extract_text_feats, "--onnx-text-model", args.onnx_text_model),
+    ):
+        if wanted and not path:
+            raise ConfigError(f"{flag} is required for this extraction")
+        if wanted and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path} does not exist")
+
+
+def _output_paths(args: argparse.Namespace) -> tuple[str, str]:
+    from cn_clip.eval.extract_features import default_output_paths
+
+    image_default, text_default = default_output_paths(args.text_data)
+    return args.image_feat_output_path or image_default, args.text_feat_output_path or text_default
+
+
+def _encoder(path: str, device: str):  # noqa: ANN202 - features.OnnxEncoder
+    from cn_clip.deploy.onnx import providers_for
+    from cn_clip.eval.features import OnnxEncoder
+
+    return OnnxEncoder(path, providers=providers_for(device))
+
+
+def extract_texts(args: argparse.Namespace, output: str) -> int:
+    from cn_clip.data.lmdb_dataset import JsonlTextDataset
+    from cn_clip.eval import features as F
+
+    dataset = JsonlTextDataset(args.text_data, context_length=args.context_length)
+    lengths = [len(text) for _, text in dataset.records]
+    loader = F.make_loader(dataset, F.length_grouped_batches(lengths, args.text_batch_size), args.num_workers)
+    part = F.extract_features(_encoder(args.onnx_text_model, args.device), loader, progress=not args.no_progress)
+    F.write_features(output, part, "text_id")
+    return len(part.ids)
+
+
+def extract_images(args: argparse.Namespace, output: str) -> int:
+    from cn_clip.data.lmdb_dataset import LMDBImageDataset
+    from cn_clip.eval import features as F
+    from cn_clip.models.registry import get_model_config
+
+    resolution = get_model_config(f"{args.vision_model}@{args.text_model}").vision.image_resolution
+    dataset = LMDBImageDataset(args.image_data, resolution=resolution, id_type=args.image_id_type)
+    loader = F.make_loader(dataset, F.sequential_batches(len(dataset), args.img_batch_size), args.num_workers)
+    part = F.extract_features(_encoder(args.onnx_image_model, args.device), loader, progress=not args.no_progress)
+    F.write_features(output, part, "image_id")
+    return len(part.ids)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cn_clip.eval.features import print_params
+
+    _check_args(args)
+    print_params(args)
+    image_output, text_output = _output_paths(args)
+    if args.extract_text_feats:
+        print("Make inference for texts...")
+        count = extract_texts(args, text_output)
+        print(f"{count} text features are stored in {text_output}")
+    if args.extract_image_feats:
+        print("Make inference for images...")
+        count = extract_images(args, image_output)
+        print(f"{count} image features are stored in {image_output}")
+    print("Done!")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def entry(args_list: Sequence[str] | None) -> int:
+        args = build_parser().parse_args(args_list)
+        setup_logging(logging.DEBUG if args.debug else logging.INFO)
+        return run(args)
+
+    setup_logging()
+    return run_cli(entry, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
