@@ -124,8 +124,7 @@ def _build_dataset(path: str, split: str, resolution: int, context_length: int, 
             count, classes = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
         except ValueError:
             raise ConfigError(f"{path!r}: use synthetic:N or synthetic:N:CLASSES") from None
-        seed = 0 if split == "train" else 1
-        return SyntheticDataset(count, resolution, context_length, seed=seed, num_classes=classes)
+        return SyntheticDataset(count, resolution, context_length, seed=0, num_classes=classes)
     from cn_clip.data.lmdb_dataset import LMDBDataset
     from cn_clip.transforms import image_transform, train_transform
 

@@ -72,6 +72,7 @@ class Trainer:
         self.num_batches = data["train"].num_batches
         self.steps_per_epoch = self.num_batches // self.accum
         self.last_loss: float | None = None
+        self.losses: list[torch.Tensor] = []  # per optimizer step, detached (no device sync in the loop)
 
     # ---- one optimizer step -------------------------------------------------------------------------------------
     def _to_device(self, raw: Any) -> Batch:
@@ -160,6 +161,7 @@ class Trainer:
             loss, acc = self.train_step(batches, step)
             batch_time, end = time.time() - end, time.time()
             steps_done += 1
+            self.losses.append(loss)
             position = ckpt_io.Position(epoch, (i_accum + 1) * self.accum, step + 1)
             if progress is not None:
                 progress.update(1)

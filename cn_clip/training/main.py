@@ -227,7 +227,8 @@ def train(args: Any) -> dict:
         _run_epochs(args, trainer, position)
         if trainer.writer is not None:
             trainer.writer.close()
-        return {"last_loss": trainer.last_loss, "validation": getattr(trainer, "last_validation", None)}
+        losses = [float(x) for x in trainer.losses]
+        return {"losses": losses, "validation": getattr(trainer, "last_validation", None)}
     finally:
         cleanup(env)
 
