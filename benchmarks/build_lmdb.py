@@ -57,7 +57,7 @@ def _base_jpegs(count: int, seed: int) -> list[bytes]:
         low = (rng.random((48, 48, 3)) * 255).astype("uint8")
         img = Image.fromarray(low).resize((256, 256), Image.BICUBIC)
         buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=92)
+        img.save(buf, "JPEG", quality=80)
         images.append(buf.getvalue())
     return images
 
@@ -80,18 +80,24 @@ def generate(data_dir: Path, n_images: int, seed: int = 0) -> None:
             jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _run(cmd: list[str], cwd: Path) -> float:
+def _run(cmd: list[str], cwd: Path) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + sys, all processes) and peak RSS (bytes) of one command."""
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
 def _commands(data_dir: Path, out: Path) -> dict[str, list[str]]:
     common = ["--data_dir", str(data_dir), "--splits", "train", "--lmdb_dir", str(out)]
     module = ["-m", "cn_clip.preprocess.build_lmdb_dataset"]
     cmds = {
-        "cn_clip (validating, all cores)": [sys.executable, *module, *common],
-        "cn_clip --workers 1": [sys.executable, *module, *common, "--workers", "1"],
+        "cn_clip (default: validating)": [sys.executable, *module, *common],
+        "cn_clip --workers 2": [sys.executable, *module, *common, "--workers", "2"],
         "cn_clip --no-check-images": [sys.executable, *module, *common, "--no-check-images"],
     }
     if REF_PYTHON.exists():
@@ -104,21 +110,27 @@ def _cwd_for(name: str, scratch: Path) -> Path:
     return scratch if name.startswith("reference") else REPO
 
 
-def bench(n_images: int, repeats: int, root: Path) -> list[tuple[str, int, float, float, int]]:
+def bench(n_images: int, repeats: int, root: Path) -> list[tuple]:
     data_dir = root / f"raw{n_images}"
     generate(data_dir, n_images)
     tsv_mb = (data_dir / "train_imgs.tsv").stat().st_size / 1e6
     print(f"# {n_images} images, TSV {tsv_mb:.1f} MB", flush=True)
-    times: dict[str, list[float]] = {}
+    runs: dict[str, list[tuple[float, float, int]]] = {}
     sizes: dict[str, int] = {}
-    for _ in range(repeats):
+    for _ in range(repeats):  # interleaved, so load changes hit every builder alike
         for name, cmd in _commands(data_dir, root / "out").items():
             shutil.rmtree(root / "out", ignore_errors=True)
-            times.setdefault(name, []).append(_run(cmd, _cwd_for(name, root)))
+            runs.setdefault(name, []).append(_run(cmd, _cwd_for(name, root)))
             sizes[name] = (root / "out" / "train" / "imgs" / "data.mdb").stat().st_size
     shutil.rmtree(data_dir)
     shutil.rmtree(root / "out", ignore_errors=True)
-    return [(name, n_images, statistics.median(ts), min(ts), sizes[name]) for name, ts in times.items()]
+    rows = []
+    for name, results in runs.items():
+        walls, cpus, rss = zip(*results, strict=True)
+        rows.append(
+            (name, n_images, statistics.median(walls), min(walls), statistics.median(cpus), max(rss), sizes[name])
+        )
+    return rows
 
 
 def main() -> None:
@@ -133,9 +145,11 @@ def main() -> None:
             rows += bench(n_images, args.repeats, Path(tmp))
     cpu = platform.processor() or platform.machine()
     print(f"\nmachine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}")
-    print("| builder | images | median s | min s | imgs/data.mdb bytes |\n|---|---|---|---|---|")
-    for name, n_images, median, best, size in rows:
-        print(f"| {name} | {n_images} | {median:.2f} | {best:.2f} | {size:,} |")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    print("| builder | images | median wall s | min wall s | median CPU s | peak RSS MB | imgs/data.mdb bytes |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n_images, median, best, cpu_s, rss, size in rows:
+        print(f"| {name} | {n_images} | {median:.2f} | {best:.2f} | {cpu_s:.2f} | {rss / 2**20:.0f} | {size:,} |")
 
 
 if __name__ == "__main__":

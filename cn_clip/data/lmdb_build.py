@@ -36,6 +36,8 @@ _TXN_BYTES = 64 << 20  # bytes buffered per write transaction: bounds memory and
 _MIN_CHUNK = 1 << 20
 _MAX_CHUNK = 16 << 20
 _PARALLEL_MIN_BYTES = 8 << 20  # below this a worker pool costs more than it saves
+_WINDOW = 64 << 20  # TSV bytes mapped at a time while writing
+_REMAP_BYTES = 256 << 20  # writemap pages stay resident while mapped: reopen the environment after this much
 
 
 @dataclass(frozen=True)
@@ -102,14 +104,17 @@ def _read_chunk(path: str, start: int, end: int) -> bytearray:
 
 
 def _iter_tsv_lines(
-    buf: bytes | bytearray | mmap.mmap,
+    buf: bytes | bytearray | mmap.mmap, begin: int = 0, counter: list[int] | None = None
 ) -> Iterator[tuple[int, bytes | None, bytes | bytearray, int, int]]:
     """Parse every non-blank line of ``buf``: (line_no, id or None, holder, start, end) with the value at
-    ``holder[start:end]``; a malformed line yields id None and the message as ``holder``.
+    ``holder[start:end]``; a malformed line yields id None and the message as ``holder``. Parsing starts at byte
+    ``begin``; ``counter[0]`` ends as the number of lines seen (blank ones included).
     """
     find, total = buf.find, len(buf)
-    pos, line_no = 0, 0
+    pos, line_no = begin, 0
     while pos < total:
+        if counter is not None:
+            counter[0] = line_no + 1
         newline = find(b"\n", pos)
         newline = total if newline == -1 else newline
         line_no += 1
@@ -408,10 +413,18 @@ class LmdbWriter:
         self._lmdb = lmdb
         self.path = Path(path)
         self.map_size = max(int(map_size), 1 << 16)
+        self.env = self._open()
+        self.since_open = 0
+        self.txn_bytes = txn_bytes
+        self.pending: list[tuple[bytes, bytes | memoryview]] = []
+        self.pending_bytes = 0
+        self.resizes = 0
+
+    def _open(self):
         # writemap writes straight into the file mapping (~4x faster puts); Linux only, because elsewhere it
         # preallocates the whole map on disk. No sync per commit: close() syncs once before the rename.
-        self.env = lmdb.open(
-            str(path),
+        return self._lmdb.open(
+            str(self.path),
             map_size=self.map_size,
             subdir=True,
             sync=False,
@@ -419,10 +432,6 @@ class LmdbWriter:
             meminit=False,
             writemap=sys.platform.startswith("linux"),
         )
-        self.txn_bytes = txn_bytes
-        self.pending: list[tuple[bytes, bytes | memoryview]] = []
-        self.pending_bytes = 0
-        self.resizes = 0
 
     def put(self, key: bytes, value: bytes | memoryview) -> None:
         self.pending.append((key, value))
@@ -440,8 +449,13 @@ class LmdbWriter:
                 break
             except self._lmdb.MapFullError:
                 self._grow()
+        self.since_open += self.pending_bytes
         self.pending.clear()
         self.pending_bytes = 0
+        if self.since_open >= _REMAP_BYTES:  # written pages are in the page cache; unmapping drops them from RSS
+            self.env.close()
+            self.env = self._open()
+            self.since_open = 0
 
     def _grow(self) -> None:
         self.map_size = max(self.map_size * 2, self.map_size + 4 * self.pending_bytes)
@@ -467,29 +481,29 @@ def _write_images(imgs_path: Path, split: str, out_dir: Path, map_size: int, bad
     from tqdm import tqdm
 
     writer = LmdbWriter(out_dir, map_size)
-    count = 0
+    count = lines_before = 0
     total = imgs_path.stat().st_size
     with (
         open(imgs_path, "rb") as handle,
-        contextlib.ExitStack() as stack,
         tqdm(total=total, desc=f"{split} images", unit="B", unit_scale=True, disable=None, leave=False) as bar,
     ):
-        # The values go from the page cache into LMDB as views of a read-only mapping: no copy in Python.
-        data = stack.enter_context(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)) if total else b""
-        view = memoryview(data)
-        done = 0
-        for line_no, raw_id, holder, v_start, v_end in _iter_tsv_lines(data):
-            if raw_id is None or line_no in bad_lines:
-                continue
-            writer.put(raw_id, view[v_start:v_end] if holder is data else holder[v_start:v_end])
-            count += 1
-            if writer.pending_bytes == 0:
-                bar.update(v_end - done)
-                done = v_end
-        writer.put(formats.NUM_IMAGES_KEY, str(count).encode("utf-8"))
-        writer.close()
-        bar.update(total - done)
-        view.release()
+        for start, end in _chunk_ranges(imgs_path, _WINDOW):
+            # Values go from the page cache into LMDB as views of a read-only window: no copy in Python, and
+            # unmapping each window keeps the resident set flat however large the TSV is.
+            base = start - start % mmap.ALLOCATIONGRANULARITY
+            with mmap.mmap(handle.fileno(), end - base, access=mmap.ACCESS_READ, offset=base) as data:
+                view, counter = memoryview(data), [0]
+                for line_no, raw_id, holder, v_start, v_end in _iter_tsv_lines(data, start - base, counter):
+                    if raw_id is None or lines_before + line_no in bad_lines:
+                        continue
+                    writer.put(raw_id, view[v_start:v_end] if holder is data else holder[v_start:v_end])
+                    count += 1
+                writer.flush()  # before the window is unmapped
+                view.release()
+            lines_before += counter[0]
+            bar.update(end - start)
+    writer.put(formats.NUM_IMAGES_KEY, str(count).encode("utf-8"))
+    writer.close()
     return count
 
 

@@ -286,18 +286,20 @@ def test_map_grows_from_a_tiny_start(tmp_path):
     assert data.stat().st_size < 4 << 20  # the file is truncated to what is used, not left at the map size
 
 
-def test_parallel_workers_give_the_same_lmdb(tmp_path, monkeypatch):
-    monkeypatch.setattr(lmdb_build, "_PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(lmdb_build, "_MIN_CHUNK", 1024)
-    monkeypatch.setattr(lmdb_build, "_MAX_CHUNK", 2048)
+def test_parallel_workers_and_small_windows_give_the_same_lmdb(tmp_path, monkeypatch):
     images = [(i, image_bytes(i, size=(20, 20))) for i in range(30)]
     texts = [{"text_id": i, "text": "图", "image_ids": [i]} for i in range(30)]
-    write_split(tmp_path, "train", images, texts, imgs_lines=["77\t@@"])
+    write_split(tmp_path, "train", images, texts, imgs_lines=["77\t@@", "", "78\t" + b64(image_bytes(78))])
+    lmdb_build.build_lmdb(tmp_path, ["train"], workers=1, skip_bad=True, lmdb_dir=tmp_path / "plain")
+    for name, value in [("_PARALLEL_MIN_BYTES", 0), ("_MIN_CHUNK", 1024), ("_MAX_CHUNK", 2048), ("_WINDOW", 3000)]:
+        monkeypatch.setattr(lmdb_build, name, value)
+    monkeypatch.setattr(lmdb_build, "_REMAP_BYTES", 5000)
     with pytest.raises(DataError, match="train_imgs.tsv:31: image_id 77"):
         lmdb_build.build_lmdb(tmp_path, ["train"], workers=2)
-    lmdb_build.build_lmdb(tmp_path, ["train"], workers=2, skip_bad=True, lmdb_dir=tmp_path / "a")
-    lmdb_build.build_lmdb(tmp_path, ["train"], workers=1, skip_bad=True, lmdb_dir=tmp_path / "b")
-    assert lmdb_items(tmp_path / "a" / "train" / "imgs") == lmdb_items(tmp_path / "b" / "train" / "imgs")
+    lmdb_build.build_lmdb(tmp_path, ["train"], workers=2, skip_bad=True, lmdb_dir=tmp_path / "chunked")
+    expected = lmdb_items(tmp_path / "plain" / "train" / "imgs")
+    assert set(expected) == {str(i).encode() for i in [*range(30), 78]} | {b"num_images"}
+    assert lmdb_items(tmp_path / "chunked" / "train" / "imgs") == expected
 
 
 _STALL = """
