@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -183,16 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging()
     code = run_cli(entry, argv)
-    _destroy_process_group()
+    F.finish_distributed()
     return code
-
-
-def _destroy_process_group() -> None:
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

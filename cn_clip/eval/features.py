@@ -286,6 +286,15 @@ def _init_process_group() -> None:
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
 
 
+def finish_distributed() -> None:
+    """Tear down the process group this module started (torchrun runs), so processes exit cleanly."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def barrier(shard: Shard) -> None:
     if shard.world_size > 1:
         import torch.distributed as dist
