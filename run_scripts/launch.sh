@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The one training launcher. Usage: DATASET=MUGE bash run_scripts/launch.sh DATAPATH [extra flags...]
+# Defaults are the reference's MUGE ViT-B-16 recipe; every knob is an env var; extra flags go to
+# cn_clip.training.main and win over the defaults (argparse keeps the last value).
+set -euo pipefail
+DATAPATH="${1:?usage: launch.sh DATAPATH [flags...]}"; shift
+DATASET="${DATASET:?set DATASET, e.g. MUGE}"
+
+if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+  GPUS_PER_NODE=1
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    GPUS_PER_NODE="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+    [[ "$GPUS_PER_NODE" -ge 1 ]] || GPUS_PER_NODE=1
+  fi
+fi
+VISION_MODEL="${VISION_MODEL:-ViT-B-16}"
+TEXT_MODEL="${TEXT_MODEL:-RoBERTa-wwm-ext-base-chinese}"
+
+args=(
+  --train-data "$DATAPATH/datasets/$DATASET/lmdb/train"
+  --val-data "$DATAPATH/datasets/$DATASET/lmdb/valid"
+  --logs "${LOGS:-$DATAPATH/experiments/}"
+  --name "${NAME:-${DATASET,,}_finetune_${VISION_MODEL,,}_${TEXT_MODEL}}"
+  --save-step-frequency "${SAVE_STEP_FREQUENCY:-999999}"
+  --save-epoch-frequency "${SAVE_EPOCH_FREQUENCY:-1}"
+  --log-interval "${LOG_INTERVAL:-1}"
+  --report-training-batch-acc
+  --context-length "${CONTEXT_LENGTH:-52}"
+  --warmup "${WARMUP:-100}"
+  --batch-size "${BATCH_SIZE:-128}"
+  --valid-batch-size "${VALID_BATCH_SIZE:-${BATCH_SIZE:-128}}"
+  --valid-step-interval "${VALID_STEP_INTERVAL:-150}"
+  --valid-epoch-interval "${VALID_EPOCH_INTERVAL:-1}"
+  --accum-freq "${ACCUM_FREQ:-1}"
+  --lr "${LR:-5e-5}"
+  --wd "${WD:-0.001}"
+  --max-epochs "${MAX_EPOCHS:-3}"
+  --mask-ratio "${MASK_RATIO:-0}"
+  --vision-model "$VISION_MODEL"
+  --text-model "$TEXT_MODEL"
+)
+[[ "${USE_AUGMENT:-1}" == 1 ]] && args+=(--use-augment)
+
+# The recipe starts from the released weights. RESUME= (empty) skips that; the default file is used only if present.
+default_resume="$DATAPATH/pretrained_weights/clip_cn_${VISION_MODEL,,}.pt"
+RESUME="${RESUME-$default_resume}"
+if [[ -n "$RESUME" ]]; then
+  if [[ "$RESUME" == "$default_resume" && ! -f "$RESUME" ]]; then
+    echo "launch.sh: $RESUME not found; training from scratch (set RESUME=path to start from released weights)" >&2
+  else
+    args+=(--resume "$RESUME" --reset-data-offset --reset-optimizer)
+  fi
+fi
+
+if [[ "${DEEPSPEED:-0}" == 1 ]]; then
+  run=(deepspeed --num_nodes "${WORKER_CNT:-1}" --num_gpus "$GPUS_PER_NODE"
+       --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-8514}"
+       --module cn_clip.training.main
+       --deepspeed --deepspeed_config "${DS_CONFIG:-$(dirname "$0")/ds_config_zero2.json}")
+else
+  run=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "${WORKER_CNT:-1}" --node_rank "${RANK:-0}"
+       --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-8514}" -m cn_clip.training.main --)
+fi
+# torchrun classifies every later "--x" against its own flags (--logs is "ambiguous"): "--" ends its options.
+echo "+ ${run[*]} ${args[*]} $*" >&2
+exec "${run[@]}" "${args[@]}" "$@"
