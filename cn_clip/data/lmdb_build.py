@@ -36,8 +36,8 @@ _TXN_BYTES = 64 << 20  # bytes buffered per write transaction: bounds memory and
 _MIN_CHUNK = 1 << 20
 _MAX_CHUNK = 16 << 20
 _PARALLEL_MIN_BYTES = 8 << 20  # below this a worker pool costs more than it saves
-_WINDOW = 64 << 20  # TSV bytes mapped at a time while writing
-_REMAP_BYTES = 256 << 20  # writemap pages stay resident while mapped: reopen the environment after this much
+_WINDOW = 32 << 20  # TSV bytes mapped at a time while writing
+_REMAP_BYTES = 64 << 20  # writemap pages stay resident while mapped: reopen the environment after this much
 
 
 @dataclass(frozen=True)

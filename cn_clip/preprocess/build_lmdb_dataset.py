@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         const="off",
         help="only check the base64 text, not the image inside",
     )
-    parser.add_argument("--workers", type=int, default=None, help="processes for image checks (default: all cores)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="processes for image checks (default: cores - 1; this one writes)"
+    )
     parser.add_argument(
         "--map-size", type=parse_size, default=None, help="initial LMDB map size, e.g. 4G (default: from input size)"
     )
