@@ -212,17 +212,18 @@ def resolve_device(device: str | None = None) -> str:
 
 
 def load_eval_model(
-    architecture: str,
+    architecture: str | None,
     resume: str | os.PathLike | None,
     device: str = "cpu",
     precision: str = "fp32",
     announce: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
-    """Build ``vision@text``, strictly load ``resume`` (reference checkpoint layout) and set the precision.
-
-    Prints the reference's ``=> loaded checkpoint '…' (epoch E @ S steps)`` line when ``announce``.
+    """Build ``vision@text`` (None: inferred from the checkpoint's shapes), strictly load ``resume`` (reference
+    checkpoint layout, read once) and set the precision. Returns ``(model, metadata)``; metadata holds
+    ``epoch``/``step`` and ``architecture``. Prints the reference's ``=> loaded checkpoint`` line when ``announce``.
     """
-    from cn_clip.models.factory import convert_weights, create_model, load_checkpoint_into
+    from cn_clip.models.factory import convert_weights, create_model, infer_architecture, load_checkpoint_into
+    from cn_clip.weights import read_checkpoint, state_dict_of
 
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
@@ -232,8 +233,14 @@ def load_eval_model(
         raise CheckpointError(f"The checkpoint file {resume} not exists!")
     if announce:
         print(f"Begin to load model checkpoint from {resume}.")
+    raw = read_checkpoint(resume)
+    if architecture is None:
+        architecture = infer_architecture(state_dict_of(raw, str(resume)))
+        _logger.info("architecture inferred from %s: %s", resume, architecture)
     model = create_model(architecture)
-    meta = load_checkpoint_into(model, str(resume))
+    meta = load_checkpoint_into(model, raw)
+    del raw
+    meta["architecture"] = architecture
     model.to(device)
     if precision in ("fp16", "bf16"):
         import torch
