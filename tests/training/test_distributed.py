@@ -1,0 +1,59 @@
+"""Multi-process runs (slow): torchrun with 2 gloo processes against one process with the doubled batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training.helpers import REPO, latest_state, tiny_args
+
+pytestmark = pytest.mark.slow
+PROBE = Path(__file__).with_name("ddp_probe.py")
+_PORT = iter(range(29650, 29700))
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(next(_PORT)), *args]  # fmt: skip
+
+
+def _probe(tmp_path: Path, nproc: int, flags: list[str]) -> dict:
+    out = tmp_path / f"probe{nproc}.pt"
+    cmd = _torchrun(nproc, str(PROBE), str(out), *flags) if nproc > 1 else [sys.executable, str(PROBE), str(out)]
+    subprocess.run(cmd, check=True, env=_env(), cwd=REPO, timeout=300)
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "flags,grad_scale",
+    [([], 0.5), (["--gather-with-grad"], 1.0), (["--gather-with-grad", "--local-loss"], 1.0)],
+    ids=["reference", "gather-with-grad", "local-loss"],
+)
+def test_two_processes_equal_one_with_double_batch(tmp_path: Path, flags: list[str], grad_scale: float) -> None:
+    single, double = _probe(tmp_path, 1, flags), _probe(tmp_path, 2, flags)
+    assert double["world"] == 2
+    assert float(double["loss"]) == pytest.approx(float(single["loss"]), abs=1e-5)
+    # the reference's plain gather only reaches local features: DDP's average is the full gradient / world
+    # (logit_scale enters every rank's full logits directly, so its gradient is complete)
+    for name, grad in single["grads"].items():
+        scale = 1.0 if name == "logit_scale" else grad_scale
+        torch.testing.assert_close(double["grads"][name], grad * scale, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_torchrun_main_two_processes(tmp_path: Path) -> None:
+    argv = tiny_args(tmp_path, "--save-step-frequency", "2", steps=3)
+    cmd = _torchrun(2, "-m", "cn_clip.training.main", "--", *argv)
+    subprocess.run(cmd, check=True, env=_env(), cwd=REPO, timeout=300)
+    log = next((tmp_path / "run").glob("out_*.log")).read_text()
+    assert "Global Batch Size: 8" in log
+    assert latest_state(tmp_path)["module.logit_scale"].shape == ()
