@@ -37,8 +37,43 @@ test-slow: venv
 
 test-all: test test-slow
 
-demo: venv
-	$(PY) -m cn_clip.demo
+# ---- make demo: the whole pipeline on the embedded demo data, CPU, tiny from-scratch model. ----
+# Each step is a file target, so a re-run reuses what exists (delete $(DEMO) to start over).
+DEMO ?= demo_out
+DEMO_DATA := $(DEMO)/datasets/demo
+DEMO_CLS := $(DEMO)/datasets/demo_cls
+DEMO_NAME := demo_vit-tiny_bert-tiny
+DEMO_CKPT := $(DEMO)/experiments/$(DEMO_NAME)/checkpoints/epoch_latest.pt
+DEMO_MODEL := --vision-model ViT-Tiny --text-model BERT-Tiny-chinese
+
+demo: venv $(DEMO)/eval/summary.json $(DEMO)/zeroshot/result.txt
+	$(PY) -m cn_clip.demo $(DEMO)
+
+$(DEMO_DATA)/train_texts.jsonl: | venv
+	$(PY) -m cn_clip.preprocess.make_demo_dataset --out $(DEMO)
+
+$(DEMO_DATA)/lmdb/train/pairs/data.mdb: $(DEMO_DATA)/train_texts.jsonl
+	$(PY) -m cn_clip.preprocess.build_lmdb_dataset --data_dir $(DEMO_DATA) --splits train,valid,test --overwrite
+
+# The MUGE recipe script, retargeted by environment variables: one CPU process, no released weights.
+$(DEMO_CKPT): $(DEMO_DATA)/lmdb/train/pairs/data.mdb
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NAME=$(DEMO_NAME) GPUS_PER_NODE=1 RESUME= \
+	VISION_MODEL=ViT-Tiny TEXT_MODEL=BERT-Tiny-chinese BATCH_SIZE=32 MAX_EPOCHS=8 LR=1e-3 WARMUP=10 WD=0.001 \
+	LOG_INTERVAL=2 VALID_STEP_INTERVAL=0 USE_AUGMENT=0 \
+	bash run_scripts/muge_finetune.sh $(DEMO) --train-data $(DEMO_DATA)/lmdb/train --val-data $(DEMO_DATA)/lmdb/valid \
+	  --precision fp32 --num-workers 1 --valid-num-workers 1
+
+$(DEMO)/eval/summary.json: $(DEMO_CKPT)
+	$(PY) -m cn_clip.eval.run --data $(DEMO_DATA) --split valid --resume $(DEMO_CKPT) $(DEMO_MODEL) \
+	  --output-dir $(DEMO)/eval --num-workers 1
+
+$(DEMO)/zeroshot/result.txt: $(DEMO_CKPT)
+	mkdir -p $(DEMO)/zeroshot
+	$(PY) -m cn_clip.eval.zeroshot_evaluation --datapath $(DEMO_CLS)/test --label-file $(DEMO_CLS)/label_cn.txt \
+	  --dataset demo_cls --save-dir $(DEMO)/zeroshot --resume $(DEMO_CKPT) $(DEMO_MODEL) --num-workers 1 \
+	  > $(DEMO)/zeroshot/result.txt.tmp
+	cat $(DEMO)/zeroshot/result.txt.tmp
+	mv $(DEMO)/zeroshot/result.txt.tmp $(DEMO)/zeroshot/result.txt
 
 clean-venv:
 	rm -rf $(VENV)
