@@ -7,7 +7,7 @@ Both sides tokenise the same texts to ``[N, 52]`` tensors; each timing is the me
 new character once (see cn_clip/tokenizer.py). The table also says how many texts each back end took. Outputs are
 compared for equality (exit 1 if they differ).
 
-    .venv/bin/python benchmarks/tokenize.py [--texts 10000] [--repeats 7]
+    .venv/bin/python benchmarks/tokenize_speed.py [--texts 10000] [--repeats 7]
 """
 
 from __future__ import annotations
