@@ -145,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
     if shard.is_primary:
         F.print_params(args)
     device = F.resolve_device(args.device)
+    if shard.is_primary:  # the reference's console order: datasets announced before the checkpoint is read
+        if args.extract_image_feats:
+            print("Preparing image inference dataset.")
+        if args.extract_text_feats:
+            print("Preparing text inference dataset.")
     model, _ = F.load_eval_model(
         f"{args.vision_model}@{args.text_model}", args.resume, device, args.precision, announce=shard.is_primary
     )
