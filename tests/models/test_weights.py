@@ -144,8 +144,13 @@ def test_bad_model_names(name: str, message: str) -> None:
         get_model_config(name)
 
 
-def test_unknown_config_key_rejected(tmp_path: Path) -> None:
+def test_unknown_config_key_rejected(tmp_path: Path, monkeypatch) -> None:
+    from cn_clip.models import registry
     from cn_clip.models.registry import add_model_config
+
+    registry.list_towers()  # scan the built-in configs, then keep this test's registration private
+    monkeypatch.setattr(registry, "_TOWERS", dict(registry._TOWERS))
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
 
     bad = tmp_path / "Bad-ViT.json"
     bad.write_text('{"embed_dim": 8, "image_resolution": 32, "vision_layers": 1, "vision_width": 32, "vison_patch": 8}')
