@@ -24,8 +24,8 @@ REFERENCE_IMAGE_DATA = "../Multimodal_Retrieval/lmdb/test/imgs"
 REFERENCE_TEXT_DATA = "../Multimodal_Retrieval/test_texts.jsonl"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Extract L2-normalised image and/or text features (JSONL or .npy).")
+def add_feature_io_args(parser: argparse.ArgumentParser, default_batch_size: int) -> None:
+    """The reference's data and output flags, shared by the PyTorch and the ONNX extractor."""
     parser.add_argument("--extract-image-feats", action="store_true", default=False, help="extract image features")
     parser.add_argument("--extract-text-feats", action="store_true", default=False, help="extract text features")
     parser.add_argument("--image-data", type=str, default=REFERENCE_IMAGE_DATA, help="an imgs LMDB directory")
@@ -39,8 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--text-feat-output-path", type=str, default=None, help="default: text path minus .jsonl, plus .txt_feat.jsonl"
     )
-    parser.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
-    parser.add_argument("--text-batch-size", type=int, default=64, help="text batch size")
+    parser.add_argument("--img-batch-size", type=int, default=default_batch_size, help="image batch size")
+    parser.add_argument("--text-batch-size", type=int, default=default_batch_size, help="text batch size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Extract L2-normalised image and/or text features (JSONL or .npy).")
+    add_feature_io_args(parser, default_batch_size=64)
     add_context_length_arg(parser)
     add_resume_arg(parser)
     add_precision_arg(parser)

@@ -16,23 +16,14 @@ from pathlib import Path
 from cn_clip.cli.args import add_context_length_arg, add_model_args
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError
+from cn_clip.eval.extract_features import add_feature_io_args
 
 _logger = logging.getLogger(__name__)
-
-REFERENCE_IMAGE_DATA = "../Multimodal_Retrieval/lmdb/test/imgs"
-REFERENCE_TEXT_DATA = "../Multimodal_Retrieval/test_texts.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Extract L2-normalised features with ONNX Runtime.")
-    parser.add_argument("--extract-image-feats", action="store_true", default=False, help="extract image features")
-    parser.add_argument("--extract-text-feats", action="store_true", default=False, help="extract text features")
-    parser.add_argument("--image-data", type=str, default=REFERENCE_IMAGE_DATA, help="an imgs LMDB directory")
-    parser.add_argument("--text-data", type=str, default=REFERENCE_TEXT_DATA, help="texts JSONL file")
-    parser.add_argument("--image-feat-output-path", type=str, default=None, help="default: derived from --text-data")
-    parser.add_argument("--text-feat-output-path", type=str, default=None, help="default: derived from --text-data")
-    parser.add_argument("--img-batch-size", type=int, default=1, help="image batch size")
-    parser.add_argument("--text-batch-size", type=int, default=1, help="text batch size")
+    add_feature_io_args(parser, default_batch_size=1)  # the reference's ONNX extractor defaults to batch 1
     add_context_length_arg(parser)
     parser.add_argument("--onnx-image-model", default=None, type=str, help="*.img.{fp32,fp16,int8}.onnx")
     parser.add_argument("--onnx-text-model", default=None, type=str, help="*.txt.{fp32,fp16,int8}.onnx")
