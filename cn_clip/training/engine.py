@@ -185,6 +185,12 @@ class DeepSpeedEngine(Engine):
         self.scaler = None
         self.dtype = None
         self.ds_config = config
+        # DeepSpeed (0.19) broadcasts/partitions parameters through ``p.data.view(torch.uint8)``, which fails for
+        # 0-dim tensors (``logit_scale``): such parameters live as shape [1] inside the engine and are saved as [].
+        self.scalar_names = [name for name, p in module.named_parameters() if p.dim() == 0]
+        for name in self.scalar_names:
+            param = module.get_parameter(name)
+            param.data = param.data.reshape(1)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         self.base_optimizer = optimizer
         self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
@@ -232,26 +238,25 @@ class DeepSpeedEngine(Engine):
             group["lr"] = lr
 
     def logit_scale(self) -> float:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        if self.zero_stage > 0:
-            value = safe_get_full_fp32_param(self.module.logit_scale)
-            if value is not None:
-                return float(value)
-        return float(self.module.logit_scale.detach().float())
+        """The working copy (no collective: only rank 0 logs it); under ZeRO-3 the local shard may be empty."""
+        value = self.module.logit_scale.detach()
+        return float(value.float()) if value.numel() == 1 else float("nan")
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 weights in the reference layout (gathered from the ZeRO-3 partitions when needed)."""
         if self.zero_stage == 3:
             import deepspeed
 
-            params = list(self.module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {f"module.{k}": v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
-        return {
-            f"module.{k}": (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
-            for k, v in self.module.state_dict().items()
-        }
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                state = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+        else:
+            state = {
+                k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+                for k, v in self.module.state_dict().items()
+            }
+        for name in self.scalar_names:
+            state[name] = state[name].reshape(())
+        return {f"module.{k}": v for k, v in state.items()}
 
     def optimizer_state_dict(self) -> dict | None:
         return None  # partitioned: saved by save_extra in DeepSpeed's own format

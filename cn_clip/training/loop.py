@@ -303,7 +303,7 @@ class Trainer:
             return
         state = self.engine.model_state_dict()  # collective under ZeRO-3
         if self.engine.is_deepspeed:
-            self.engine.save_extra(self.checkpoint_dir, "latest")
+            self.engine.save_extra(self.checkpoint_dir, "last")
         if not self.env.is_primary:
             return
         ckpt = ckpt_io.build_checkpoint(

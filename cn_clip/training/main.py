@@ -118,7 +118,7 @@ def _restore_training_state(args: Any, engine: Any, ckpt: dict, path: Path, num_
         position = resume_position(ckpt, num_batches, args.accum_freq)
     if not args.reset_optimizer:
         if engine.is_deepspeed:
-            if ckdir is not None and engine.load_extra(ckdir, "latest"):
+            if ckdir is not None and engine.load_extra(ckdir, "last"):
                 _logger.info("=> optimizer state is restored from the DeepSpeed checkpoint")
         elif "optimizer" in ckpt:
             try:
@@ -209,8 +209,9 @@ def train(args: Any) -> dict:
     _setup_logging(args, env, run_dir, time_suffix)
     checkpoint_dir = run_dir / "checkpoints" if run_dir is not None else None
     try:
-        _seed_everything(args.seed, env.rank)
+        _seed_everything(args.seed, 0)  # identical initial weights on every rank
         model = _build_model(args, env)
+        _seed_everything(args.seed, env.rank)
         resume = _resume_path(args, checkpoint_dir)
         ckpt = _load_weights(model, resume) if resume else None
         model.to(env.device)
