@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -32,6 +33,11 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         return 2
     except FileNotFoundError as exc:
         print(f"error: {exc.strerror or 'file not found'}: {exc.filename}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on device while writing {exc.filename or 'output'}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ Pass 2 streams the files again into a temporary sibling directory that replaces 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -661,6 +662,21 @@ def _build_speculative(
     return plans, results
 
 
+@contextlib.contextmanager
+def _write_failures_named(lmdb_dir: Path) -> Iterator[None]:
+    """A full disk or an LMDB write error becomes one DataError; the temp dirs are already gone by then."""
+    import lmdb
+
+    try:
+        yield
+    except lmdb.Error as exc:
+        raise DataError(f"writing the LMDB under {lmdb_dir} failed ({exc}); nothing was written") from exc
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DataError(f"no space left while writing the LMDB under {lmdb_dir}; nothing was written") from exc
+
+
 def build_lmdb(
     data_dir: str | Path,
     splits: Sequence[str],
@@ -688,7 +704,8 @@ def build_lmdb(
     _check_targets(lmdb_dir, splits, overwrite)
     _raise_missing_files(data_dir, splits)
     start = time.perf_counter()
-    with contextlib.ExitStack() as stack:  # unwinding renames every temp dir into place, or removes them on error
+    with _write_failures_named(lmdb_dir), contextlib.ExitStack() as stack:
+        # Unwinding the stack renames every temp dir into place, or removes them all on error.
         if skip_bad:
             plans = validate_splits(data_dir, splits, check_images=check_images, workers=workers)
             results = _build_validated(plans, lmdb_dir, map_size, stack)
