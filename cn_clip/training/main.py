@@ -91,6 +91,12 @@ def _build_model(args: Any, env: Any) -> Any:
 def _resume_path(args: Any, checkpoint_dir: Path | None) -> Path | None:
     if args.resume:
         path = Path(args.resume).expanduser()
+        from cn_clip.models.pretrained import PRETRAINED
+
+        if not path.exists() and args.resume in PRETRAINED:  # a released name, e.g. --resume ViT-B-16
+            from cn_clip.models.factory import _released_file
+
+            return _released_file(args.resume, None, False)
         if not path.is_file():
             raise CheckpointError(f"--resume {path}: no such checkpoint file (refusing to train from scratch)")
         return path
