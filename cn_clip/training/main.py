@@ -243,6 +243,14 @@ def train(args: Any) -> dict:
 def _run_epochs(args: Any, trainer: Any, position: Any) -> None:
     from cn_clip.training.checkpoint import Position
 
+    if "val" in trainer.data:
+        for flag, value in (
+            ("--valid-step-interval", args.valid_step_interval),
+            ("--valid-epoch-interval", args.valid_epoch_interval),
+        ):
+            if value is not None and value <= 0:
+                _logger.info("%s %s: this validation cadence is off", flag, value)
+
     epoch, start_batch = position.epoch, position.batch
     for epoch in range(position.epoch, args.max_epochs):
         _logger.info("Start epoch %d", epoch + 1)

@@ -166,3 +166,21 @@ def test_resnet_flip_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_fixture_dir_exists() -> None:
     assert (FIXTURES / "training" / "steps.npz").is_file()
+
+
+def test_distillation_with_a_local_teacher(tmp_path: Path) -> None:
+    from fixture_weights import KEYS_DIR, read_key_shapes, reference_checkpoint
+
+    teacher = tmp_path / "teacher.pt"
+    torch.save(reference_checkpoint(read_key_shapes(KEYS_DIR / "RN-Tiny@BERT-Tiny-chinese.tsv")), teacher)
+    result = train(tiny_args(tmp_path, "--distillation", "--teacher-model-name", str(teacher), steps=2))
+    assert len(result["losses"]) == 2
+    log = next((tmp_path / "run").glob("out_*.log")).read_text()
+    assert f"Teacher model loaded from {teacher}" in log
+
+
+def test_unknown_teacher_is_a_clear_error(tmp_path: Path) -> None:
+    from cn_clip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="modelscope"):
+        train(tiny_args(tmp_path, "--distillation", "--teacher-model-name", "damo/some-teacher", steps=1))
