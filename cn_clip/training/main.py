@@ -174,7 +174,10 @@ def _log_params(args: Any, env: Any, run_dir: Path | None, time_suffix: str) -> 
     if env.is_local_primary:
         for line in lines:
             _logger.info("  %s", line)
-    _logger.info("Use %s: %s for training", "GPU" if env.device.type == "cuda" else "device", env.device)
+    if env.device.type == "cuda":
+        _logger.info("Use GPU: %d for training", env.local_rank)
+    else:
+        _logger.info("Use device: %s for training", env.device)
 
 
 def _make_engine(args: Any, model: Any, env: Any) -> Any:
