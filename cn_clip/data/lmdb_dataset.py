@@ -168,7 +168,11 @@ class LMDBDataset:
         from cn_clip.tokenizer import normalize_text, tokenize
 
         image_id, _text_id, text = self.read_pair(sample)
-        image = self.transform(self.read_image(image_id))
+        raw = self.read_image(image_id)
+        try:  # pixels are decoded lazily, inside the transform: a truncated file fails here
+            image = self.transform(raw)
+        except DataError as exc:
+            raise DataError(f"image_id {image_id}: {exc}") from None
         ids = tokenize([normalize_text(text)], context_length=self.max_txt_length)[0]
         eos_index = int((ids == SEP_ID).nonzero()[0, 0])
         return image, ids, eos_index
