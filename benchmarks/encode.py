@@ -192,7 +192,10 @@ def run_worker(python: str, spec: dict) -> dict:
 
 def cases(args: argparse.Namespace, model: str, paths: dict) -> list[dict]:
     specs = []
-    for kind, batch in (("image", args.image_batch), ("text", args.text_batch)):
+    batches = [("image", int(b)) for b in args.image_batch.split(",")] + [
+        ("text", int(b)) for b in args.text_batch.split(",")
+    ]
+    for kind, batch in batches:
         for precision in args.precisions:
             for impl in args.impls:
                 if impl == "hf" and model == "RN50":
@@ -225,8 +228,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--models", default="ViT-B-16,RN50")
-    parser.add_argument("--image-batch", type=int, default=16)
-    parser.add_argument("--text-batch", type=int, default=64)
+    parser.add_argument("--image-batch", default="16", help="comma-separated batch sizes, e.g. 1,16,64")
+    parser.add_argument("--text-batch", default="64", help="comma-separated batch sizes, e.g. 1,16,64")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--impls", default="ours,reference,hf")
     parser.add_argument("--passes", type=int, default=2)
