@@ -26,8 +26,9 @@ ARCHS = {"ViT-B-16": "ViT-B-16@RoBERTa-wwm-ext-base-chinese", "RN50": "RN50@RBT3
 
 
 def run(args: list[str]) -> None:
+    """Run a cn_clip CLI; its log (the exporter's parity lines) goes to stdout with the rest."""
     print(f"$ python -m {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, "-m", *args], check=True)
+    subprocess.run([sys.executable, "-m", *args], check=True, stderr=subprocess.STDOUT)
 
 
 def main() -> None:
