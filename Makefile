@@ -58,7 +58,7 @@ $(DEMO_DATA)/lmdb/train/pairs/data.mdb: $(DEMO_DATA)/train_texts.jsonl
 # The MUGE recipe script, retargeted by environment variables: one CPU process, no released weights.
 $(DEMO_CKPT): $(DEMO_DATA)/lmdb/train/pairs/data.mdb
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NAME=$(DEMO_NAME) GPUS_PER_NODE=1 RESUME= \
-	VISION_MODEL=ViT-Tiny TEXT_MODEL=BERT-Tiny-chinese BATCH_SIZE=32 MAX_EPOCHS=8 LR=1e-3 WARMUP=10 WD=0.001 \
+	VISION_MODEL=ViT-Tiny TEXT_MODEL=BERT-Tiny-chinese BATCH_SIZE=32 VALID_BATCH_SIZE=44 MAX_EPOCHS=10 LR=1e-3 WARMUP=10 WD=0.001 \
 	LOG_INTERVAL=2 VALID_STEP_INTERVAL=0 USE_AUGMENT=0 \
 	bash run_scripts/muge_finetune.sh $(DEMO) --train-data $(DEMO_DATA)/lmdb/train --val-data $(DEMO_DATA)/lmdb/valid \
 	  --precision fp32 --num-workers 1 --valid-num-workers 1
