@@ -119,7 +119,7 @@ def test_logit_scale_init_and_clamp() -> None:
         model.logit_scale.fill_(-1.0)
     model.clamp_logit_scale()
     assert model.logit_scale.item() == 0.0
-    assert LOGIT_SCALE_MAX == pytest.approx(4.6052, abs=1e-4)
+    assert pytest.approx(4.6052, abs=1e-4) == LOGIT_SCALE_MAX
 
 
 def _reference_keys(arch: str) -> list[tuple[str, str]]:
