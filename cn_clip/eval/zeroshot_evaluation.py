@@ -36,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
     add_context_length_arg(parser)
     add_resume_arg(parser)
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader reader processes")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader reader processes (reference default 4; here min(4, cores - 1))",
+    )
     extra = parser.add_argument_group("cn_clip additions")
     extra.add_argument(
         "--templates",
@@ -127,7 +132,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     )
     print("Using classifier")
     batches = F.sequential_batches(len(folder), args.img_batch_size)
-    loader = F.make_loader(TargetFirst(folder), batches, args.num_workers, pin_memory=device.startswith("cuda"))
+    workers = F.default_num_workers() if args.num_workers is None else args.num_workers
+    loader = F.make_loader(TargetFirst(folder), batches, workers, pin_memory=device.startswith("cuda"))
     encoder = F.TorchEncoder(model.encode_image, device, args.precision)
     images = F.extract_features(encoder, loader, desc="images", progress=progress)
     scale = float(model.logit_scale.detach().exp()) if args.logit_scale == "model" else Z.REFERENCE_LOGIT_SCALE
