@@ -95,7 +95,7 @@ def _load_encoder(spec: dict):  # noqa: ANN202
             return lambda x: model.get_image_features(pixel_values=x.to(dtype))
         return lambda t: _hf_text(model, t)
     if impl == "onnx-int8":
-        from cn_clip.deploy.onnx import create_session, run_session
+        from cn_clip.deploy.onnx_export import create_session, run_session
 
         session = create_session(spec["onnx"], "cpu", spec["threads"])
         if kind == "image":
@@ -156,7 +156,7 @@ def prepare(tmp: Path, model: str, impls: list[str]) -> dict:
 
         paths["hf_dir"] = str(checkpoint_to_hf(ckpt, tmp / f"{model}-hf", arch))
     if "onnx-int8" in impls:
-        from cn_clip.deploy.onnx import export_encoder
+        from cn_clip.deploy.onnx_export import export_encoder
         from cn_clip.models.factory import create_model
 
         clip = create_model(arch, checkpoint=ckpt)

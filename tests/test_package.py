@@ -29,3 +29,16 @@ def test_reference_paths_resolve() -> None:
         "input_resolution": 336,
     }
     assert callable(clip.load_from_name) and callable(clip.convert_state_dict)
+
+
+def test_no_module_file_shadows_a_library() -> None:
+    """Reference users run scripts as files (``python cn_clip/deploy/pytorch_to_onnx.py``), which puts the script's
+    folder first on sys.path: a sibling named like a library (``onnx.py``) would then hide the real one."""
+    from pathlib import Path
+
+    libraries = {"onnx", "onnxruntime", "torch", "torchvision", "transformers", "tokenizers", "lmdb", "faiss"}
+    libraries |= {"jieba", "numpy", "PIL", "tqdm", "safetensors", "timm", "deepspeed", "orjson", "onnxscript"}
+    libraries |= set(sys.stdlib_module_names)
+    package = Path(__file__).parents[1] / "cn_clip"
+    clashes = [str(p.relative_to(package)) for p in package.rglob("*.py") if p.stem in libraries]
+    assert clashes == []

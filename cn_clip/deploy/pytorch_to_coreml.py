@@ -46,7 +46,7 @@ def _coremltools() -> Any:
 def convert(argv: Sequence[str] | None = None) -> int:
     import torch
 
-    from cn_clip.deploy.onnx import ImageEncoder, TextEncoder
+    from cn_clip.deploy.onnx_export import ImageEncoder, TextEncoder
     from cn_clip.deploy.pytorch_to_onnx import load_model
 
     args = build_parser().parse_args(argv)

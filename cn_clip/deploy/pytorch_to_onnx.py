@@ -71,7 +71,7 @@ def convert(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not (args.convert_text or args.convert_vision):
         raise ConfigError("nothing to convert: pass --convert-text and/or --convert-vision")
-    from cn_clip.deploy.onnx import export_encoder
+    from cn_clip.deploy.onnx_export import export_encoder
 
     model = load_model(args.model_arch, args.pytorch_ckpt_path, args.download_root)
     precisions = ["fp32"] + ([] if args.no_fp16 else ["fp16"]) + (["int8"] if args.int8 else [])

@@ -58,7 +58,7 @@ def load_image(path: str | None) -> Any:
     """``--image``, else the reference's ``examples/pokemon.jpeg`` if present, else a real sample photo."""
     from PIL import Image
 
-    from cn_clip.deploy.onnx import real_image
+    from cn_clip.deploy.onnx_export import real_image
 
     if path or Path(REFERENCE_IMAGE).is_file():
         path = path or REFERENCE_IMAGE
@@ -129,7 +129,7 @@ def _fit_tokens(tokens: np.ndarray, session: Any) -> np.ndarray:
 def bench_images(runner: Runner, image: Any, batch: int) -> None:
     import torch
 
-    from cn_clip.deploy.onnx import create_session
+    from cn_clip.deploy.onnx_export import create_session
     from cn_clip.models.factory import resolve_config
     from cn_clip.transforms import image_transform
 
@@ -164,7 +164,7 @@ def bench_images(runner: Runner, image: Any, batch: int) -> None:
 def bench_texts(runner: Runner, batch: int) -> None:
     import torch
 
-    from cn_clip.deploy.onnx import create_session
+    from cn_clip.deploy.onnx_export import create_session
     from cn_clip.tokenizer import tokenize
 
     args = runner.args

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cn_clip.deploy import onnx as O
+from cn_clip.deploy import onnx_export as O
 from cn_clip.eval.extract_features_onnx import main
 from cn_clip.eval.featio import read_features
 from tests.deploy.conftest import FIXTURES  # noqa: F401 - puts tests/fixtures on sys.path

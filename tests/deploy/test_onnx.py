@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cn_clip.deploy import onnx as O
+from cn_clip.deploy import onnx_export as O
 from cn_clip.deploy.pytorch_to_onnx import main
 from tests.deploy.conftest import RN_TINY, VIT_TINY
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cn_clip.deploy import onnx as O
+from cn_clip.deploy import onnx_export as O
 from cn_clip.deploy.benchmark import TimingStats, time_calls
 from cn_clip.deploy.speed_benchmark import main
 from tests.deploy.conftest import VIT_TINY
