@@ -63,7 +63,7 @@ def _output_paths(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _encoder(path: str, device: str):  # noqa: ANN202 - features.OnnxEncoder
-    from cn_clip.deploy.onnx import providers_for
+    from cn_clip.deploy.onnx_export import providers_for
     from cn_clip.eval.features import OnnxEncoder
 
     return OnnxEncoder(path, providers=providers_for(device))
