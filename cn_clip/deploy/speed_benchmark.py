@@ -129,7 +129,6 @@ def _fit_tokens(tokens: np.ndarray, session: Any) -> np.ndarray:
 def bench_images(runner: Runner, image: Any, batch: int) -> None:
     import torch
 
-    from cn_clip.deploy.onnx_export import create_session
     from cn_clip.models.factory import resolve_config
     from cn_clip.transforms import image_transform
 
@@ -139,32 +138,10 @@ def bench_images(runner: Runner, image: Any, batch: int) -> None:
         f"Image preprocessing (batch-size: {batch}):", lambda: torch.stack([preprocess(image)] * batch), batch
     )
     pixels = torch.stack([preprocess(image)] * batch)
-    if args.pytorch_ckpt:
-        on_device = pixels.to(args.device)
-        for label, model in runner.models:
-            with torch.inference_mode():
-                runner.measure(
-                    f"{label} image inference speed (batch-size: {batch}):",
-                    lambda m=model: m.encode_image(on_device),
-                    batch,
-                )
-    for path in args.onnx_image_model:
-        session = create_session(path, args.device, args.threads)
-        array = pixels.numpy()
-        label = _onnx_label("ONNX", path, len(args.onnx_image_model))
-        runner.measure(
-            f"{label} image inference speed (batch-size: {batch}):",
-            lambda s=session, a=array: s.run(None, {"image": a}),
-            batch,
-        )
-    if args.tensorrt_image_model:
-        _tensorrt(runner, args.tensorrt_image_model, "image", pixels, batch)
+    _bench_encoders(runner, "image", pixels, args.onnx_image_model, args.tensorrt_image_model, batch)
 
 
 def bench_texts(runner: Runner, batch: int) -> None:
-    import torch
-
-    from cn_clip.deploy.onnx_export import create_session
     from cn_clip.tokenizer import tokenize
 
     args = runner.args
@@ -173,26 +150,37 @@ def bench_texts(runner: Runner, batch: int) -> None:
         f"Text tokenization (batch-size: {batch}):", lambda: tokenize(texts, context_length=args.context_length), batch
     )
     tokens = tokenize(texts, context_length=args.context_length)
+    _bench_encoders(runner, "text", tokens, args.onnx_text_model, args.tensorrt_text_model, batch)
+
+
+def _bench_encoders(
+    runner: Runner, kind: str, inputs: Any, onnx_paths: list[str], tensorrt_path: str | None, batch: int
+) -> None:
+    """Time every back end on the same ``inputs`` (pixels or token ids): PyTorch models, ONNX files, TensorRT."""
+    import torch
+
+    from cn_clip.deploy.onnx_export import create_session
+
+    args = runner.args
     if args.pytorch_ckpt:
-        on_device = tokens.to(args.device)
+        on_device = inputs.to(args.device)
         for label, model in runner.models:
+            encode = getattr(model, f"encode_{kind}")
             with torch.inference_mode():
                 runner.measure(
-                    f"{label} text inference speed (batch-size: {batch}):",
-                    lambda m=model: m.encode_text(on_device),
-                    batch,
+                    f"{label} {kind} inference speed (batch-size: {batch}):", lambda e=encode: e(on_device), batch
                 )
-    for path in args.onnx_text_model:
+    for path in onnx_paths:
         session = create_session(path, args.device, args.threads)
-        array = _fit_tokens(tokens.numpy(), session)
-        label = _onnx_label("ONNX", path, len(args.onnx_text_model))
+        array = _fit_tokens(inputs.numpy(), session) if kind == "text" else inputs.numpy()
+        label = _onnx_label("ONNX", path, len(onnx_paths))
         runner.measure(
-            f"{label} text inference speed (batch-size: {batch}):",
-            lambda s=session, a=array: s.run(None, {"text": a}),
+            f"{label} {kind} inference speed (batch-size: {batch}):",
+            lambda s=session, a=array: s.run(None, {kind: a}),
             batch,
         )
-    if args.tensorrt_text_model:
-        _tensorrt(runner, args.tensorrt_text_model, "text", tokens, batch)
+    if tensorrt_path:
+        _tensorrt(runner, tensorrt_path, kind, inputs, batch)
 
 
 def _tensorrt(runner: Runner, path: str, kind: str, inputs: Any, batch: int) -> None:
