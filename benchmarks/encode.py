@@ -112,14 +112,9 @@ def _hf_text(model, tokens):  # noqa: ANN001, ANN202
 
 # ----------------------------------------------------------------------------------------------------- driver
 def machine() -> str:
-    cpu = "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from cn_clip.deploy.benchmark import cpu_model
+
+    cpu = cpu_model()
     return f"{cpu}, {os.cpu_count()} cores visible, {platform.python_implementation()} {platform.python_version()}"
 
 

@@ -73,14 +73,9 @@ def mixed_phrases(count: int, seed: int = 1) -> list[str]:
 
 
 def machine_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from cn_clip.deploy.benchmark import cpu_model
+
+    cpu = cpu_model()
     return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 

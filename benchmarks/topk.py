@@ -37,14 +37,9 @@ CUDA_SHIM = (
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from cn_clip.deploy.benchmark import cpu_model
+
+    cpu = cpu_model()
     return f"{platform.node()} | {cpu} | {os.cpu_count()} cores | Python {platform.python_version()}"
 
 

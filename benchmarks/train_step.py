@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -157,11 +156,9 @@ def run_one(arch: str, batch: int, variant: str, steps: int, device: str, ref_py
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    from cn_clip.deploy.benchmark import cpu_model
+
+    cpu = cpu_model()
     return f"{cpu} | {os.cpu_count()} cores | torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
 
 

@@ -6,11 +6,24 @@ every timed call ends with :func:`synchronize` and the PyTorch callables run und
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (benchmark tables name the machine), else platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def synchronize(device: str) -> None:
