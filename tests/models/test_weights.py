@@ -115,6 +115,17 @@ def test_truncated_and_missing_files(tmp_path: Path, source_model) -> None:
         read_checkpoint(path)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_random_bytes_are_a_checkpoint_error(tmp_path: Path, seed: int) -> None:
+    import random
+
+    path = tmp_path / "noise.pt"
+    rng = random.Random(seed)
+    path.write_bytes(rng.randbytes(rng.randrange(1, 4096)))
+    with pytest.raises(CheckpointError, match="noise.pt"):
+        read_checkpoint(path)
+
+
 def test_partial_init_from_flat_dicts(tmp_path: Path, source_model) -> None:
     state = source_model.state_dict()
     clip_path, bert_path = tmp_path / "clip.pt", tmp_path / "bert.pt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     garbage = root / "garbage.jsonl"
     garbage.write_text(GARBAGE, encoding="utf-8")
     not_a_ckpt = root / "not_a_checkpoint.pt"
-    not_a_ckpt.write_bytes(os.urandom(2048))
+    not_a_ckpt.write_bytes(random.Random(0).randbytes(2048))  # fixed bytes: a reproducible failure
     ckpt = root / "tiny.pt"
     model = create_model("ViT-Tiny@BERT-Tiny-chinese")
     torch.save({"epoch": 1, "step": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, ckpt)
