@@ -44,3 +44,43 @@ def add_precision_arg(parser: argparse.ArgumentParser, choices: tuple[str, ...] 
 
 def add_resume_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, type=str, help="checkpoint path (reference format)")
+
+
+# One default per flag (docs/cli.md): the reference's where it has one.
+def add_device_arg(parser: argparse._ActionsContainer, choices: tuple[str, ...] | None = None) -> None:
+    """``--device``; None = CUDA when available (the reference's ``cuda``, which it required), else the CPU."""
+    parser.add_argument(
+        "--device",
+        choices=choices,
+        default=None,
+        help=f"{'/'.join(choices or ('cpu', 'cuda', 'cuda:1', 'mps'))} (default: CUDA when available, else cpu)",
+    )
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
+    return number
+
+
+def add_num_workers_arg(parser: argparse._ActionsContainer) -> None:
+    """``--num-workers``: DataLoader reader processes, 4 as in the reference's training and zero-shot scripts."""
+    parser.add_argument("--num-workers", type=_non_negative, default=4, help="DataLoader reader processes; 0 = inline")
+
+
+def add_debug_arg(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument("--debug", action="store_true", default=False, help="log at DEBUG level")
+
+
+def add_progress_arg(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument("--no-progress", action="store_true", default=False, help="hide the progress bars")
+
+
+def add_image_id_type_arg(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument(
+        "--image-id-type",
+        choices=("auto", "int", "str"),
+        default="auto",
+        help="LMDB key → id: auto keeps '007'/'a1' as strings and makes canonical decimals ints; int = reference",
+    )

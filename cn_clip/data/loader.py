@@ -1,4 +1,4 @@
-"""Training/validation data for ``cn_clip.training``: ``get_data(args, env, resolution)`` → ``{split: DataInfo}``.
+"""Training/validation data for ``cn_clip.training``: ``get_data(DataCfg, world_size, rank, resolution)`` → splits.
 
 Same sample order as the reference (SPEC §6.3): the split is padded up to a multiple of the global batch,
 ``DistributedSampler(shuffle=True, seed=--seed)`` with the epoch id (0 for validation), ``num_batches`` per rank.
@@ -105,6 +105,27 @@ class KeyedPairs:
         return image, text, eos, image_key, text_key
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitCfg:
+    """One split: where its pairs are and how they are batched."""
+
+    path: str  # LMDB split directory, or synthetic:N[:C]
+    batch_size: int  # per process
+    num_workers: int = 0  # DataLoader reader processes
+    augment: bool = False  # random training augmentation
+
+
+@dataclasses.dataclass(frozen=True)
+class DataCfg:
+    """What :func:`get_data` builds: the training split, an optional validation split, and what both share."""
+
+    train: SplitCfg
+    val: SplitCfg | None = None
+    context_length: int = 52  # tokens incl. [CLS]/[SEP]
+    seed: int = 123  # the sampler's shuffle and the per-item augmentation seeds
+    on_bad_sample: str = "fail"  # an unreadable pair: "fail" or "skip"
+
+
 @dataclasses.dataclass
 class DataInfo:
     dataloader: Any
@@ -132,75 +153,38 @@ def _build_dataset(path: str, split: str, resolution: int, context_length: int, 
     return LMDBDataset(path, split, context_length, transform=transform, on_bad_sample=on_bad)
 
 
-def build_split(
-    path: str,
-    split: str,
-    batch_size: int,
-    world_size: int,
-    rank: int,
-    seed: int,
-    resolution: int,
-    context_length: int,
-    num_workers: int = 0,
-    augment: bool = False,
-    on_bad_sample: str = "fail",
-) -> DataInfo:
+def build_split(name: str, split: SplitCfg, cfg: DataCfg, world_size: int, rank: int, resolution: int) -> DataInfo:
+    """The loader of split ``name`` ("train" or "val") for this rank, at the model's image ``resolution``."""
     from torch.utils.data import DataLoader
 
-    dataset = _build_dataset(path, split, resolution, context_length, augment, on_bad_sample)
-    global_batch = batch_size * world_size
+    dataset = _build_dataset(split.path, name, resolution, cfg.context_length, split.augment, cfg.on_bad_sample)
+    global_batch = split.batch_size * world_size
     real = len(dataset)
     padded = -(-real // global_batch) * global_batch
     dataset.dataset_len = padded  # the tail wraps to the start (items are index % num_samples)
     if real < global_batch:
         _logger.warning(
             "%s split has %d pairs, fewer than the global batch %d: padding repeats pairs inside a batch",
-            split,
+            name,
             real,
             global_batch,
         )
-    sampler = ResumableSampler(padded, world_size, rank, seed)
+    sampler = ResumableSampler(padded, world_size, rank, cfg.seed)
     loader = DataLoader(
-        KeyedPairs(dataset, random_transform=augment),
-        batch_size=batch_size,
+        KeyedPairs(dataset, random_transform=split.augment),
+        batch_size=split.batch_size,
         sampler=sampler,
-        num_workers=num_workers,
+        num_workers=split.num_workers,
         pin_memory=False,
-        persistent_workers=num_workers > 0,
+        persistent_workers=split.num_workers > 0,
         drop_last=False,
     )
-    return DataInfo(loader, sampler, dataset, padded, padded // global_batch, batch_size)
+    return DataInfo(loader, sampler, dataset, padded, padded // global_batch, split.batch_size)
 
 
-def get_data(args: Any, world_size: int, rank: int, resolution: int) -> dict[str, DataInfo]:
-    """The reference's ``get_data``: ``train`` (and ``val`` when ``--val-data`` is set)."""
-    data = {
-        "train": build_split(
-            args.train_data,
-            "train",
-            args.batch_size,
-            world_size,
-            rank,
-            args.seed,
-            resolution,
-            args.context_length,
-            args.num_workers,
-            args.use_augment,
-            args.on_bad_sample,
-        )
-    }
-    if args.val_data:
-        data["val"] = build_split(
-            args.val_data,
-            "val",
-            args.valid_batch_size,
-            world_size,
-            rank,
-            args.seed,
-            resolution,
-            args.context_length,
-            args.valid_num_workers,
-            False,
-            args.on_bad_sample,
-        )
+def get_data(cfg: DataCfg, world_size: int, rank: int, resolution: int) -> dict[str, DataInfo]:
+    """The reference's ``get_data``: ``train`` (and ``val`` when ``cfg.val`` is set)."""
+    data = {"train": build_split("train", cfg.train, cfg, world_size, rank, resolution)}
+    if cfg.val is not None:
+        data["val"] = build_split("val", cfg.val, cfg, world_size, rank, resolution)
     return data

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cn_clip.cli.args import add_context_length_arg
+from cn_clip.cli.args import add_context_length_arg, add_device_arg
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.deploy.benchmark import TimingStats, markdown_table, time_calls
 from cn_clip.errors import ConfigError
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", nargs="+", type=int, default=[1], help="one or more batch sizes")
     parser.add_argument("--n", default=100, type=int, help="timed calls per measurement")
     parser.add_argument("--warmup", default=10, type=int, help="untimed warm-up calls")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where to run")
+    add_device_arg(parser, choices=("cuda", "cpu"))
     add_context_length_arg(parser)
     extra = parser.add_argument_group("cn_clip additions")
     extra.add_argument("--image", default=None, help=f"input image (default {REFERENCE_IMAGE}, else a sample photo)")
@@ -208,7 +208,10 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def benchmark(argv: Sequence[str] | None = None) -> int:
+    from cn_clip.eval.features import resolve_device
+
     args = build_parser().parse_args(argv)
+    args.device = args.device or resolve_device().partition(":")[0]  # "cuda" when available, as in the reference
     _check(args)
     print("Params:")
     for name in sorted(vars(args)):

@@ -13,7 +13,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cn_clip.cli.args import add_context_length_arg, add_model_args, add_precision_arg, add_resume_arg
+from cn_clip.cli.args import (
+    add_context_length_arg,
+    add_debug_arg,
+    add_device_arg,
+    add_image_id_type_arg,
+    add_model_args,
+    add_num_workers_arg,
+    add_precision_arg,
+    add_progress_arg,
+    add_resume_arg,
+)
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError
 from cn_clip.eval import features as F
@@ -50,23 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_resume_arg(parser)
     add_precision_arg(parser)
     add_model_args(parser)
-    parser.add_argument("--debug", default=False, action="store_true", help="log at DEBUG level")
+    add_debug_arg(parser)
     extra = parser.add_argument_group("cn_clip additions")
     extra.add_argument(
         "--output-format", choices=("jsonl", "npy"), default="jsonl", help="npy: .npy matrix + .ids.json sidecar"
     )
     extra.add_argument("--npy-dtype", choices=("float32", "float16"), default="float32", help="matrix dtype for npy")
-    extra.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda:LOCAL_RANK if any)")
-    extra.add_argument(
-        "--num-workers", type=int, default=None, help="DataLoader reader processes (default: min(4, cores - 1))"
-    )
-    extra.add_argument(
-        "--image-id-type",
-        choices=("auto", "int", "str"),
-        default="auto",
-        help="LMDB key → id: auto keeps '007'/'a1' as strings and makes canonical decimals ints; int = reference",
-    )
-    extra.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_device_arg(extra)
+    add_num_workers_arg(extra)
+    add_image_id_type_arg(extra)
+    add_progress_arg(extra)
     return parser
 
 
@@ -133,8 +136,6 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("img_batch_size", "text_batch_size", "context_length"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     image_default, text_default = default_output_paths(args.text_data, args.output_format)
     args.image_feat_output_path = args.image_feat_output_path or image_default
     args.text_feat_output_path = args.text_feat_output_path or text_default
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         img_batch_size=args.img_batch_size,
         text_batch_size=args.text_batch_size,
         context_length=args.context_length,
-        num_workers=F.default_num_workers() if args.num_workers is None else args.num_workers,
+        num_workers=args.num_workers,
         npy_dtype=args.npy_dtype,
         image_id_type=args.image_id_type,
         progress=not args.no_progress,

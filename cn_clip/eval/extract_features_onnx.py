@@ -13,7 +13,15 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from cn_clip.cli.args import add_context_length_arg, add_model_args
+from cn_clip.cli.args import (
+    add_context_length_arg,
+    add_debug_arg,
+    add_device_arg,
+    add_image_id_type_arg,
+    add_model_args,
+    add_num_workers_arg,
+    add_progress_arg,
+)
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError
 from cn_clip.eval.extract_features import add_feature_io_args
@@ -27,15 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_context_length_arg(parser)
     parser.add_argument("--onnx-image-model", default=None, type=str, help="*.img.{fp32,fp16,int8}.onnx")
     parser.add_argument("--onnx-text-model", default=None, type=str, help="*.txt.{fp32,fp16,int8}.onnx")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="onnxruntime provider")
+    add_device_arg(parser, choices=("cuda", "cpu"))  # the onnxruntime provider
     add_model_args(parser)  # only the image resolution is read from --vision-model
-    parser.add_argument("--debug", default=False, action="store_true", help="log at DEBUG level")
+    add_debug_arg(parser)
     extra = parser.add_argument_group("cn_clip additions")
-    extra.add_argument("--num-workers", type=int, default=0, help="DataLoader reader processes")
-    extra.add_argument(
-        "--image-id-type", choices=("auto", "int", "str"), default="auto", help="LMDB key → id (int = reference)"
-    )
-    extra.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_num_workers_arg(extra)
+    add_image_id_type_arg(extra)
+    add_progress_arg(extra)
     return parser
 
 
@@ -95,9 +101,10 @@ def extract_images(args: argparse.Namespace, output: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cn_clip.eval.features import print_params
+    from cn_clip.eval.features import print_params, resolve_device
 
     _check_args(args)
+    args.device = args.device or resolve_device().partition(":")[0]  # the provider: "cuda" when available
     print_params(args)
     image_output, text_output = _output_paths(args)
     if args.extract_text_feats:

@@ -12,9 +12,11 @@ import logging
 import os
 from collections.abc import Sequence
 
+from cn_clip.cli.args import add_device_arg
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.eval.directions import Direction, get_direction
 from cn_clip.eval.featio import FeatureId, read_feature_files
+from cn_clip.eval.features import resolve_device
 from cn_clip.eval.topk import BACKENDS, DEFAULT_GALLERY_CHUNK, resolve_backend, topk_search
 from cn_clip.fileio import atomic_write
 
@@ -42,7 +44,7 @@ def build_parser(direction: Direction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--backend", choices=BACKENDS, default="auto", help="auto = numpy on CPU, torch on other devices"
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (torch backend)")
+    add_device_arg(parser)  # where the torch back end runs
     return parser
 
 
@@ -108,8 +110,9 @@ def main(argv: Sequence[str] | None = None, direction: str = "text_to_image") ->
         _logger.info("params: %s", ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
         if args.top_k < 1 or args.eval_batch_size < 1 or (args.query_batch_size or 1) < 1:
             parser.error("--top-k, --eval-batch-size and --query-batch-size must be positive")
+        device = resolve_device(args.device)
         try:
-            resolve_backend(args.backend, args.device)
+            resolve_backend(args.backend, device)
         except ValueError as exc:
             parser.error(str(exc))
         make_topk_predictions(
@@ -119,7 +122,7 @@ def main(argv: Sequence[str] | None = None, direction: str = "text_to_image") ->
             top_k=args.top_k,
             direction=spec,
             backend=args.backend,
-            device=args.device,
+            device=device,
             gallery_chunk=args.eval_batch_size,
             query_chunk=args.query_batch_size,
         )

@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cn_clip.cli.args import add_context_length_arg, add_model_args, add_precision_arg, add_resume_arg
+from cn_clip.cli.args import (
+    add_context_length_arg,
+    add_device_arg,
+    add_image_id_type_arg,
+    add_model_args,
+    add_num_workers_arg,
+    add_precision_arg,
+    add_progress_arg,
+    add_resume_arg,
+)
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError, DataError
 from cn_clip.eval import features as F
@@ -46,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
     parser.add_argument("--text-batch-size", type=int, default=64, help="text batch size")
     parser.add_argument("--top-k", type=int, default=10, help="predictions per query (the scoring needs 10)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda:LOCAL_RANK if any)")
-    parser.add_argument("--num-workers", type=int, default=None, help="DataLoader readers (default min(4, cores-1))")
+    add_device_arg(parser)
+    add_num_workers_arg(parser)
     parser.add_argument(
         "--backend", choices=BACKENDS, default="auto", help="top-k back end (see make_topk_predictions)"
     )
     parser.add_argument("--output-format", choices=("jsonl", "npy"), default="jsonl", help="feature file format")
-    parser.add_argument("--image-id-type", choices=("auto", "int", "str"), default="auto", help="LMDB key → id")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_image_id_type_arg(parser)
+    add_progress_arg(parser)
     return parser
 
 
@@ -166,7 +175,7 @@ def evaluate_split(args: argparse.Namespace) -> dict[str, Any] | None:
         img_batch_size=args.img_batch_size,
         text_batch_size=args.text_batch_size,
         context_length=args.context_length,
-        num_workers=F.default_num_workers() if args.num_workers is None else args.num_workers,
+        num_workers=args.num_workers,
         image_id_type=args.image_id_type,
         progress=not args.no_progress,
     )

@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cn_clip.cli.args import add_context_length_arg, add_model_args, add_precision_arg, add_resume_arg
+from cn_clip.cli.args import (
+    add_context_length_arg,
+    add_device_arg,
+    add_model_args,
+    add_num_workers_arg,
+    add_precision_arg,
+    add_progress_arg,
+    add_resume_arg,
+)
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError, DataError
 from cn_clip.eval import features as F
@@ -36,12 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
     add_context_length_arg(parser)
     add_resume_arg(parser)
-    parser.add_argument(
-        "--num-workers",
-        type=int,
-        default=None,
-        help="DataLoader reader processes (reference default 4; here min(4, cores - 1))",
-    )
+    add_num_workers_arg(parser)
     extra = parser.add_argument_group("cn_clip additions")
     extra.add_argument(
         "--templates",
@@ -53,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--logit-scale", choices=("100", "model"), default="100", help="100 = the reference; model = exp(logit_scale)"
     )
     extra.add_argument("--text-batch-size", type=int, default=512, help="texts per batch for the classifier")
-    extra.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    extra.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_device_arg(extra)
+    add_progress_arg(extra)
     return parser
 
 
@@ -132,8 +135,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     )
     print("Using classifier")
     batches = F.sequential_batches(len(folder), args.img_batch_size)
-    workers = F.default_num_workers() if args.num_workers is None else args.num_workers
-    loader = F.make_loader(TargetFirst(folder), batches, workers, pin_memory=device.startswith("cuda"))
+    loader = F.make_loader(TargetFirst(folder), batches, args.num_workers, pin_memory=device.startswith("cuda"))
     encoder = F.TorchEncoder(model.encode_image, device, args.precision)
     images = F.extract_features(encoder, loader, desc="images", progress=progress)
     scale = float(model.logit_scale.detach().exp()) if args.logit_scale == "model" else Z.REFERENCE_LOGIT_SCALE

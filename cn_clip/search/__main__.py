@@ -12,7 +12,16 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from cn_clip.cli.args import add_context_length_arg, add_model_args, add_precision_arg, add_resume_arg
+from cn_clip.cli.args import (
+    add_context_length_arg,
+    add_device_arg,
+    add_image_id_type_arg,
+    add_model_args,
+    add_num_workers_arg,
+    add_precision_arg,
+    add_progress_arg,
+    add_resume_arg,
+)
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError
 
@@ -30,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     index.set_defaults(precision="fp32")
     add_context_length_arg(index)
     index.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
-    index.add_argument("--num-workers", type=int, default=None, help="DataLoader readers (default min(4, cores-1))")
-    index.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available)")
-    index.add_argument("--image-id-type", choices=("auto", "int", "str"), default="auto", help="LMDB key → id")
+    add_num_workers_arg(index)
+    add_device_arg(index)
+    add_image_id_type_arg(index)
     index.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
-    index.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_progress_arg(index)
 
     search = commands.add_parser("query", help="search an index with a text or an image")
     search.add_argument("--index", required=True, help="index directory (from 'index')")
@@ -43,13 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--top-k", type=int, default=5, help="number of hits")
     search.add_argument("--score", choices=("cosine", "softmax"), default="cosine", help="see docs: cosine vs softmax")
     search.add_argument("--resume", default=None, help="checkpoint (default: the one the index was built with)")
-    search.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available)")
+    add_device_arg(search)
     search.add_argument("--json", action="store_true", help="print the hits as one JSON list")
     return parser
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from cn_clip.eval.features import default_num_workers
     from cn_clip.search.index import build_index
 
     if (args.vision_model is None) != (args.text_model is None):
@@ -63,7 +71,7 @@ def run_index(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         batch_size=args.img_batch_size,
-        num_workers=default_num_workers() if args.num_workers is None else args.num_workers,
+        num_workers=args.num_workers,
         context_length=args.context_length,
         id_type=args.image_id_type,
         overwrite=args.overwrite,

@@ -16,6 +16,7 @@ import torch
 
 from cn_clip.fileio import atomic_write
 from cn_clip.training import checkpoint as ckpt_io
+from cn_clip.training.config import TrainCfg
 from cn_clip.training.distributed import DistEnv, all_gather_list, all_reduce_sum
 from cn_clip.training.engine import Engine
 from cn_clip.training.loss import ClipLoss, kd_loss
@@ -45,7 +46,7 @@ class Batch:
 class Trainer:
     def __init__(
         self,
-        args: Any,
+        cfg: TrainCfg,
         env: DistEnv,
         engine: Engine,
         data: dict,
@@ -53,7 +54,7 @@ class Trainer:
         teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
         writer: Any = None,
     ) -> None:
-        self.args = args
+        self.cfg = cfg
         self.env = env
         self.engine = engine
         self.data = data
@@ -63,12 +64,12 @@ class Trainer:
         self.loss_fn = ClipLoss(
             rank=env.rank,
             world_size=env.world_size,
-            aggregate=args.aggregate,
-            gather_with_grad=args.gather_with_grad,
-            local_loss=args.local_loss,
-            mask_duplicates=args.mask_duplicates,
+            aggregate=cfg.loss.aggregate,
+            gather_with_grad=cfg.loss.gather_with_grad,
+            local_loss=cfg.loss.local_loss,
+            mask_duplicates=cfg.loss.mask_duplicates,
         )
-        self.accum = args.accum_freq
+        self.accum = cfg.accum_freq
         self.num_batches = data["train"].num_batches
         self.steps_per_epoch = self.num_batches // self.accum
         self.last_loss: float | None = None
@@ -81,15 +82,15 @@ class Trainer:
         return Batch(images.to(dev), texts.to(dev), image_keys.to(dev), text_keys.to(dev))
 
     def _mask_generator(self, step: int, micro: int) -> torch.Generator | None:
-        if not self.args.mask_ratio:
+        if not self.cfg.mask_ratio:
             return None
         gen = torch.Generator(device=self.env.device)
-        gen.manual_seed(mix_seed(self.args.seed, step, micro, self.env.rank, 0xF11F))
+        gen.manual_seed(mix_seed(self.cfg.seed, step, micro, self.env.rank, 0xF11F))
         return gen
 
     def _features(self, batch: Batch, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image, text, scale = self.engine.forward(
-            batch.images, batch.texts, self.args.mask_ratio, self._mask_generator(step, micro)
+            batch.images, batch.texts, self.cfg.mask_ratio, self._mask_generator(step, micro)
         )
         return image, text, scale.mean()
 
@@ -104,7 +105,7 @@ class Trainer:
                 all_teacher, (all_image, _) = self.loss_fn.gather_keys(teacher_feats), self.loss_fn.gather_all(image)
             else:
                 all_teacher, all_image = teacher_feats, image
-            loss = loss + self.args.kd_loss_weight * kd_loss(all_teacher, all_image.float())
+            loss = loss + self.cfg.loss.kd_loss_weight * kd_loss(all_teacher, all_image.float())
         return loss, acc
 
     def _teacher_features(self, batches: list[Batch]) -> torch.Tensor | None:
@@ -115,7 +116,7 @@ class Trainer:
 
     def train_step(self, batches: list[Batch], step: int) -> tuple[torch.Tensor, dict]:
         """One optimizer step over ``accum_freq`` micro-batches (feature caching when > 1, SPEC §7.5)."""
-        torch.manual_seed(mix_seed(self.args.seed, step, self.env.rank))  # dropout etc.: a function of the step
+        torch.manual_seed(mix_seed(self.cfg.seed, step, self.env.rank))  # dropout etc.: a function of the step
         engine = self.engine
         teacher_feats = self._teacher_features(batches)
         if self.accum == 1:
@@ -140,7 +141,7 @@ class Trainer:
     # ---- one epoch ----------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, start_batch: int = 0) -> int:
         """Train ``epoch`` from micro-batch ``start_batch``; returns the optimizer steps done."""
-        args, info = self.args, self.data["train"]
+        cfg, info = self.cfg, self.data["train"]
         info.sampler.set_epoch(epoch)
         info.sampler.set_start(start_batch * info.batch_size)
         self.engine.module.train()
@@ -150,12 +151,12 @@ class Trainer:
         progress = self._progress(self.steps_per_epoch - start_batch // self.accum)
         for i_accum in range(start_batch // self.accum, self.steps_per_epoch):
             step = self.steps_per_epoch * epoch + i_accum
-            if step >= args.max_steps:
+            if step >= cfg.max_steps:
                 _logger.info(
-                    "Stopping training due to step %d has reached max_steps %d", step, args.max_steps // self.accum
+                    "Stopping training due to step %d has reached max_steps %d", step, cfg.max_steps // self.accum
                 )
                 break
-            self.engine.set_lr(lr_at(step, args.lr, args.warmup, args.max_steps, args.skip_scheduler))
+            self.engine.set_lr(lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps, cfg.skip_scheduler))
             batches = [self._to_device(next(data_iter)) for _ in range(self.accum)]
             data_time = time.time() - end
             loss, acc = self.train_step(batches, step)
@@ -165,13 +166,13 @@ class Trainer:
             position = ckpt_io.Position(epoch, (i_accum + 1) * self.accum, step + 1)
             if progress is not None:
                 progress.update(1)
-            if (step + 1) % args.log_interval == 0:
+            if (step + 1) % cfg.log_interval == 0:
                 self._log_train(epoch, i_accum, step, loss, acc, data_time, batch_time, len(batches[0].images))
             if self._step_validation_due(step):
                 self.validate(epoch, step + 1)
                 self.engine.module.train()
                 self.freeze_modes()
-            if args.save_step_frequency > 0 and (step + 1) % args.save_step_frequency == 0:
+            if cfg.save_step_frequency > 0 and (step + 1) % cfg.save_step_frequency == 0:
                 self.save(position, epoch_done=False, names=[f"epoch_{epoch + 1}_{step + 1}.pt"])
         if progress is not None:
             progress.close()
@@ -180,9 +181,9 @@ class Trainer:
     def freeze_modes(self) -> None:
         """Frozen towers run in eval mode (BatchNorm statistics and dropout stay fixed)."""
         module = self.engine.module
-        if self.args.freeze_vision:
+        if self.cfg.freeze_vision:
             module.visual.eval()
-        if self.args.freeze_text:
+        if self.cfg.freeze_text:
             module.bert.eval()
 
     def _progress(self, total: int) -> Any:
@@ -193,7 +194,7 @@ class Trainer:
         return tqdm(total=total, leave=False, dynamic_ncols=True)
 
     def _step_validation_due(self, step: int) -> bool:
-        interval = self.args.valid_step_interval
+        interval = self.cfg.valid_step_interval
         return "val" in self.data and bool(interval) and interval > 0 and (step + 1) % interval == 0
 
     def _log_train(
@@ -206,11 +207,11 @@ class Trainer:
         num_samples = (i_accum + 1) * batch_size * self.env.world_size
         percent = 100.0 * (i_accum + 1) / self.steps_per_epoch
         parts = [
-            f"Global Steps: {step + 1}/{self.args.max_steps}",
+            f"Global Steps: {step + 1}/{self.cfg.max_steps}",
             f"Train Epoch: {epoch + 1} [{num_samples}/{self.data['train'].num_samples} ({percent:.0f}%)]",
             f"Loss: {float(loss):.6f}",
         ]
-        if self.args.report_training_batch_acc:
+        if self.cfg.report_training_batch_acc:
             parts += [
                 f"Image2Text Acc: {float(acc['i2t']) * 100:.2f}",
                 f"Text2Image Acc: {float(acc['t2i']) * 100:.2f}",
@@ -243,7 +244,7 @@ class Trainer:
         batch_size = 0
         for i, raw in enumerate(info.dataloader):
             batch = self._to_device(raw)
-            with self.engine.autocast() if self.args.use_flash_attention else torch.autocast(dev.type, enabled=False):
+            with self.engine.autocast() if self.cfg.use_flash_attention else torch.autocast(dev.type, enabled=False):
                 image, text, scale = self.engine.forward(batch.images, batch.texts)
             image, text = image.float(), text.float()
             per_image = scale.mean().float() * image @ text.t()
@@ -307,12 +308,12 @@ class Trainer:
         if not self.env.is_primary:
             return
         ckpt = ckpt_io.build_checkpoint(
-            self.args.name,
+            self.cfg.name,
             state,
             self.engine.optimizer_state_dict(),
             position,
             epoch_done,
-            self.args.seed,
+            self.cfg.seed,
             self.engine.scaler_state_dict(),
         )
         first = self.checkpoint_dir / names[0]
@@ -328,7 +329,7 @@ class Trainer:
                 ckpt["step"],
                 time.time() - start,
             )
-        ckpt_io.prune(self.checkpoint_dir, self.args.keep_last_k)
+        ckpt_io.prune(self.checkpoint_dir, self.cfg.keep_last_k)
 
 
 def retrieval_recall(
@@ -368,9 +369,11 @@ def _first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(list(seen.keys()), dtype=torch.long), torch.tensor(list(seen.values()), dtype=torch.long)
 
 
-def resolve_max_steps(args: Any, num_batches: int) -> None:
-    """SPEC §7.2 step 4: ``--max-steps`` wins and sets the epochs; otherwise steps follow from the epochs."""
-    if args.max_steps is not None:
-        args.max_epochs = math.ceil(args.max_steps * args.accum_freq / num_batches)
-    else:
-        args.max_steps = (num_batches // args.accum_freq) * args.max_epochs
+def resolve_max_steps(max_steps: int | None, max_epochs: int, accum_freq: int, num_batches: int) -> tuple[int, int]:
+    """``(max_steps, max_epochs)``: ``--max-steps`` wins and sets the epochs; otherwise steps follow from the epochs.
+
+    The reference's rule (docs/training.md), with ``num_batches`` micro-batches per rank and epoch.
+    """
+    if max_steps is not None:
+        return max_steps, math.ceil(max_steps * accum_freq / num_batches)
+    return (num_batches // accum_freq) * max_epochs, max_epochs

@@ -6,6 +6,7 @@ Runs as one plain process (CPU or one GPU), under ``torchrun`` (gloo on CPU, ncc
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import logging
 import os
@@ -13,10 +14,13 @@ import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from cn_clip.training.distributed import DistEnv
 
 _logger = logging.getLogger("cn_clip.training")
 RN_FLIP_NOTE = (
@@ -25,13 +29,13 @@ RN_FLIP_NOTE = (
 )
 
 
-def _run_dir(args: Any) -> Path | None:
+def _run_dir(args: argparse.Namespace) -> Path | None:
     if args.logs is None or str(args.logs).strip().lower() in ("", "none"):
         return None
     return Path(args.logs) / args.name
 
 
-def _setup_logging(args: Any, env: Any, run_dir: Path | None, time_suffix: str) -> None:
+def _setup_logging(args: argparse.Namespace, env: DistEnv, run_dir: Path | None, time_suffix: str) -> None:
     log_file = None
     if run_dir is not None and env.is_primary:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -48,7 +52,7 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def _check_args(args: Any, model: Any) -> None:
+def _check_args(args: argparse.Namespace, model: Any) -> None:
     if args.mask_ratio and not model.is_vit:
         raise ConfigError(f"--mask-ratio {args.mask_ratio}: {RN_FLIP_NOTE}")
     if not 0 <= args.mask_ratio < 1:
@@ -61,7 +65,7 @@ def _check_args(args: Any, model: Any) -> None:
         _logger.info("Using FlashAttention.")  # SDPA picks flash kernels when available; no key changes
 
 
-def _build_model(args: Any, env: Any) -> Any:
+def _build_model(args: argparse.Namespace, env: DistEnv) -> Any:
     import torch
 
     from cn_clip.models.factory import create_model, load
@@ -88,7 +92,7 @@ def _build_model(args: Any, env: Any) -> Any:
     return model
 
 
-def _resume_path(args: Any, checkpoint_dir: Path | None) -> Path | None:
+def _resume_path(args: argparse.Namespace, checkpoint_dir: Path | None) -> Path | None:
     if args.resume:
         path = Path(args.resume).expanduser()
         from cn_clip.models.pretrained import PRETRAINED
@@ -116,7 +120,9 @@ def _load_weights(model: Any, path: Path) -> dict:
     return ckpt
 
 
-def _restore_training_state(args: Any, engine: Any, ckpt: dict, path: Path, num_batches: int, ckdir: Any) -> Any:
+def _restore_training_state(
+    args: argparse.Namespace, engine: Any, ckpt: dict, path: Path, num_batches: int, ckdir: Any
+) -> Any:
     from cn_clip.training.checkpoint import Position, resume_position
 
     position = Position()
@@ -140,7 +146,7 @@ def _restore_training_state(args: Any, engine: Any, ckpt: dict, path: Path, num_
     return position
 
 
-def _build_teacher(args: Any, env: Any) -> Any:
+def _build_teacher(args: argparse.Namespace, env: DistEnv) -> Any:
     if not args.distillation:
         return None
     from cn_clip.models.factory import load_from_name
@@ -162,7 +168,7 @@ def _build_teacher(args: Any, env: Any) -> Any:
     return teacher.encode_image
 
 
-def _log_params(args: Any, env: Any, run_dir: Path | None, time_suffix: str) -> None:
+def _log_params(args: argparse.Namespace, env: DistEnv, run_dir: Path | None, time_suffix: str) -> None:
     from cn_clip.fileio import atomic_write
 
     lines = [f"{name}: {getattr(args, name)}" for name in sorted(vars(args))]
@@ -180,7 +186,7 @@ def _log_params(args: Any, env: Any, run_dir: Path | None, time_suffix: str) -> 
         _logger.info("Use device: %s for training", env.device)
 
 
-def _make_engine(args: Any, model: Any, env: Any) -> Any:
+def _make_engine(args: argparse.Namespace, model: Any, env: DistEnv) -> Any:
     from cn_clip.training.engine import DeepSpeedEngine, Engine, resolve_deepspeed_config
     from cn_clip.training.optim import create_optimizer, param_groups
 
@@ -195,7 +201,7 @@ def _make_engine(args: Any, model: Any, env: Any) -> Any:
     return Engine(model, optimizer, env, args.precision, args.grad_clip_norm, static_graph=args.grad_checkpointing)
 
 
-def _tensorboard(args: Any, env: Any, run_dir: Path | None) -> Any:
+def _tensorboard(args: argparse.Namespace, env: DistEnv, run_dir: Path | None) -> Any:
     if not (args.tensorboard and env.is_primary and run_dir is not None):
         return None
     try:
@@ -205,12 +211,13 @@ def _tensorboard(args: Any, env: Any, run_dir: Path | None) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def train(args: Any) -> dict:
+def train(args: argparse.Namespace) -> dict:
     """Build everything from parsed ``args`` and train; returns a summary (last loss, validation metrics)."""
     from cn_clip.data.loader import get_data
     from cn_clip.training.checkpoint import Position
     from cn_clip.training.distributed import cleanup, init_distributed
     from cn_clip.training.loop import Trainer, resolve_max_steps
+    from cn_clip.training.params import data_config, train_config
 
     env = init_distributed(args.deepspeed, args.device)
     time_suffix = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d-%H-%M-%S")
@@ -224,15 +231,23 @@ def train(args: Any) -> dict:
         resume = _resume_path(args, checkpoint_dir)
         ckpt = _load_weights(model, resume) if resume else None
         model.to(env.device)
-        data = get_data(args, env.world_size, env.rank, model.cfg.vision.image_resolution)
-        resolve_max_steps(args, data["train"].num_batches)
+        data = get_data(data_config(args), env.world_size, env.rank, model.cfg.vision.image_resolution)
+        args.max_steps, args.max_epochs = resolve_max_steps(
+            args.max_steps, args.max_epochs, args.accum_freq, data["train"].num_batches
+        )  # before the Params log, which shows the resolved values
         engine = _make_engine(args, model, env)
         _log_params(args, env, run_dir, time_suffix)
         position = Position()
         if ckpt is not None:
             position = _restore_training_state(args, engine, ckpt, resume, data["train"].num_batches, checkpoint_dir)
         trainer = Trainer(
-            args, env, engine, data, checkpoint_dir, _build_teacher(args, env), _tensorboard(args, env, run_dir)
+            train_config(args),
+            env,
+            engine,
+            data,
+            checkpoint_dir,
+            _build_teacher(args, env),
+            _tensorboard(args, env, run_dir),
         )
         _run_epochs(args, trainer, position)
         if trainer.writer is not None:
@@ -243,7 +258,7 @@ def train(args: Any) -> dict:
         cleanup(env)
 
 
-def _run_epochs(args: Any, trainer: Any, position: Any) -> None:
+def _run_epochs(args: argparse.Namespace, trainer: Any, position: Any) -> None:
     from cn_clip.training.checkpoint import Position
 
     if "val" in trainer.data:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from cn_clip.cli.args import add_context_length_arg, add_model_args, add_precision_arg, add_resume_arg
+from cn_clip.cli.args import (
+    add_context_length_arg,
+    add_debug_arg,
+    add_device_arg,
+    add_model_args,
+    add_num_workers_arg,
+    add_precision_arg,
+    add_resume_arg,
+)
+from cn_clip.data.loader import DataCfg, SplitCfg
+from cn_clip.training.config import LossCfg, TrainCfg
 from cn_clip.training.optim import WD_GROUPS, default_hparams
 
 
@@ -13,7 +23,7 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--train-data", required=True, help="train split LMDB dir (imgs/, pairs/) or synthetic:N[:C]")
     group.add_argument("--val-data", default=None, help="validation split LMDB dir; none = no validation")
-    group.add_argument("--num-workers", type=int, default=4, help="train DataLoader workers")
+    add_num_workers_arg(group)  # the training loader
     group.add_argument("--valid-num-workers", type=int, default=1, help="validation DataLoader workers")
     group.add_argument("--batch-size", type=int, default=64, help="batch size per process")
     group.add_argument("--valid-batch-size", type=int, default=64, help="validation batch size per process")
@@ -37,7 +47,7 @@ def _log_args(parser: argparse.ArgumentParser) -> None:
         "--keep-last-k", "--keep-last", dest="keep_last_k", type=int, default=0, help="keep the newest K epoch*.pt"
     )
     group.add_argument("--tensorboard", action="store_true", default=False, help="TensorBoard scalars in the run dir")
-    group.add_argument("--debug", action="store_true", default=False, help="DEBUG logging")
+    add_debug_arg(group)
 
 
 def _optim_args(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +105,7 @@ def _launcher_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("launcher")
     group.add_argument("--deepspeed", action="store_true", default=False, help="run under DeepSpeed")
     group.add_argument("--deepspeed_config", "--deepspeed-config", default=None, help="DeepSpeed JSON config")
-    group.add_argument("--device", default=None, help="override the device (default: cuda:LOCAL_RANK or cpu)")
+    add_device_arg(group)
     # the deepspeed launcher appends --local_rank=N; the rank is read from the environment instead
     group.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -117,3 +127,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, name, value)
     args.aggregate = not args.skip_aggregate
     return args
+
+
+def data_config(args: argparse.Namespace) -> DataCfg:
+    """The data layer's settings from the parsed flags."""
+    return DataCfg(
+        train=SplitCfg(args.train_data, args.batch_size, args.num_workers, augment=args.use_augment),
+        val=SplitCfg(args.val_data, args.valid_batch_size, args.valid_num_workers) if args.val_data else None,
+        context_length=args.context_length,
+        seed=args.seed,
+        on_bad_sample=args.on_bad_sample,
+    )
+
+
+def train_config(args: argparse.Namespace) -> TrainCfg:
+    """The loop's settings from the parsed flags (``max_steps``/``max_epochs`` already resolved)."""
+    loss = LossCfg(
+        aggregate=args.aggregate,
+        gather_with_grad=args.gather_with_grad,
+        local_loss=args.local_loss,
+        mask_duplicates=args.mask_duplicates,
+        kd_loss_weight=args.kd_loss_weight,
+    )
+    same = (
+        "name", "max_steps", "max_epochs", "lr", "warmup", "skip_scheduler", "accum_freq", "seed", "mask_ratio",
+        "freeze_vision", "freeze_text", "use_flash_attention", "log_interval", "report_training_batch_acc",
+        "valid_step_interval", "save_step_frequency", "keep_last_k",
+    )  # fmt: skip
+    return TrainCfg(loss=loss, **{name: getattr(args, name) for name in same})

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cn_clip.training.config import LossCfg, TrainCfg
 from cn_clip.training.distributed import DistEnv
 from cn_clip.training.engine import Engine
 from cn_clip.training.loop import Batch, Trainer
@@ -25,11 +26,8 @@ def test_two_steps_match_reference(accum: int, batch: int) -> None:
     model = fixture_model()  # eval mode: no dropout, as in the generator
     optimizer = create_optimizer(param_groups(model, 0.2), 1e-3, (0.9, 0.98), 1e-6)
     engine = Engine(model, optimizer, DistEnv(), "fp32")
-    args = SimpleNamespace(
-        aggregate=True, gather_with_grad=False, local_loss=False, mask_duplicates=True, accum_freq=accum,
-        mask_ratio=0, seed=0, kd_loss_weight=0.5,
-    )  # fmt: skip
-    trainer = Trainer(args, DistEnv(), engine, {"train": SimpleNamespace(num_batches=4)}, None)
+    cfg = TrainCfg(name="golden", max_steps=4, max_epochs=1, lr=1e-3, accum_freq=accum, seed=0, loss=LossCfg())
+    trainer = Trainer(cfg, DistEnv(), engine, {"train": SimpleNamespace(num_batches=4)}, None)
     images, texts = fixture_images(64, 12), torch.from_numpy(GOLDEN["texts"])
     micro = [
         Batch(images[i : i + batch], texts[i : i + batch], torch.arange(i, i + batch), torch.arange(i, i + batch))
