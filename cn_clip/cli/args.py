@@ -46,6 +46,22 @@ def add_resume_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, type=str, help="checkpoint path (reference format)")
 
 
+def add_model_arch_arg(parser: argparse.ArgumentParser) -> None:
+    """The deploy tools' one-string architecture (the reference's ``--model-arch``)."""
+    parser.add_argument(
+        "--model-arch",
+        required=True,
+        help="released name (ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14, RN50) or any registered 'vision@text'",
+    )
+
+
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    """The converters' ``--model-arch`` and which encoders to convert."""
+    add_model_arch_arg(parser)
+    parser.add_argument("--convert-text", action="store_true", help="convert the text encoder")
+    parser.add_argument("--convert-vision", action="store_true", help="convert the image encoder")
+
+
 # One default per flag (docs/cli.md): the reference's where it has one.
 def add_device_arg(parser: argparse._ActionsContainer, choices: tuple[str, ...] | None = None) -> None:
     """``--device``; None = CUDA when available (the reference's ``cuda``, which it required), else the CPU."""

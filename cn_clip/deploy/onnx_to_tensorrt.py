@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cn_clip.cli.args import add_context_length_arg
+from cn_clip.cli.args import add_context_length_arg, add_export_args
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError
 
@@ -36,10 +36,8 @@ def import_tensorrt() -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-arch", required=True, help="released name or 'vision@text' (image resolution)")
-    parser.add_argument("--convert-text", action="store_true", help="build the text engine")
+    add_export_args(parser)
     parser.add_argument("--text-onnx-path", default=None, help="text ONNX model")
-    parser.add_argument("--convert-vision", action="store_true", help="build the image engine")
     parser.add_argument("--vision-onnx-path", default=None, help="image ONNX model")
     parser.add_argument("--batch-size", default=1, type=int, help="largest batch of the optimisation profile")
     add_context_length_arg(parser)

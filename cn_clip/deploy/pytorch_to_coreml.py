@@ -15,19 +15,17 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from cn_clip.cli.args import add_context_length_arg
+from cn_clip.cli.args import add_context_length_arg, add_export_args
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-arch", required=True, help="released name or 'vision@text'")
+    add_export_args(parser)
     parser.add_argument("--pytorch-ckpt-path", default=None, help="checkpoint (default: released weights)")
     parser.add_argument("--download-root", default=None, help="where released weights are downloaded")
     parser.add_argument("--save-coreml-path", required=True, help="output prefix")
-    parser.add_argument("--convert-text", action="store_true", help="export the text encoder")
-    parser.add_argument("--convert-vision", action="store_true", help="export the image encoder")
     parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="compute precision")
     add_context_length_arg(parser)
     return parser

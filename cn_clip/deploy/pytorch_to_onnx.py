@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from cn_clip.cli.args import add_context_length_arg
+from cn_clip.cli.args import add_context_length_arg, add_export_args
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError
 
@@ -24,11 +24,7 @@ _logger = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--model-arch",
-        required=True,
-        help="released name (ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14, RN50) or any registered 'vision@text'",
-    )
+    add_export_args(parser)
     parser.add_argument(
         "--pytorch-ckpt-path", default=None, help="checkpoint to convert (default: download the released weights)"
     )
@@ -36,8 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--download-root", default=None, help="where released weights are downloaded (default ./cache/clip)"
     )
     parser.add_argument("--save-onnx-path", required=True, help="output prefix: {prefix}.{txt,img}.{fp32,fp16}.onnx")
-    parser.add_argument("--convert-text", action="store_true", help="export the text encoder")
-    parser.add_argument("--convert-vision", action="store_true", help="export the image encoder")
     add_context_length_arg(parser)
     parser.add_argument("--int8", action="store_true", help="also write {prefix}.*.int8.onnx (dynamic quantisation)")
     parser.add_argument("--no-fp16", action="store_true", help="skip the fp16 variants")

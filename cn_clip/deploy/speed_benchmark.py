@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cn_clip.cli.args import add_context_length_arg, add_device_arg
+from cn_clip.cli.args import add_context_length_arg, add_device_arg, add_model_arch_arg
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.deploy.benchmark import TimingStats, markdown_table, time_calls
 from cn_clip.errors import ConfigError
@@ -30,7 +30,7 @@ REFERENCE_IMAGE = "examples/pokemon.jpeg"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-arch", required=True, help="released name or 'vision@text'")
+    add_model_arch_arg(parser)
     parser.add_argument("--pytorch-ckpt", default=None, help="checkpoint; without it PyTorch is not run")
     parser.add_argument(
         "--pytorch-precision", nargs="+", choices=("fp16", "fp32", "bf16"), default=["fp16"], help="one or more"

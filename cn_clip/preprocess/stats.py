@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from cn_clip.cli.args import add_context_length_arg
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import DataError
 
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data_dir", help="raw dataset dir with {split}_texts.jsonl (and {split}_imgs.tsv)")
     parser.add_argument("--splits", default=None, help="comma-separated (default: those present)")
-    parser.add_argument("--context-length", type=int, default=52, help="report the share truncated at this length")
+    add_context_length_arg(parser)  # reports the share of texts truncated at this length
     parser.add_argument("--top-k", type=int, default=20, help="how many frequent words to list")
     parser.add_argument("--json", default=None, help="output JSON path (default: DATA_DIR/stats.json)")
     args = parser.parse_args(argv)

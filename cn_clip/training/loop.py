@@ -372,7 +372,7 @@ def _first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def resolve_max_steps(max_steps: int | None, max_epochs: int, accum_freq: int, num_batches: int) -> tuple[int, int]:
     """``(max_steps, max_epochs)``: ``--max-steps`` wins and sets the epochs; otherwise steps follow from the epochs.
 
-    The reference's rule (docs/training.md), with ``num_batches`` micro-batches per rank and epoch.
+    The reference's rule, with ``num_batches`` micro-batches per rank and epoch.
     """
     if max_steps is not None:
         return max_steps, math.ceil(max_steps * accum_freq / num_batches)

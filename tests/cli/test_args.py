@@ -63,7 +63,8 @@ def test_negative_workers_are_a_usage_error(capsys) -> None:
 
 def test_each_shared_flag_is_declared_only_in_cli_args() -> None:
     package = Path(A.__file__).resolve().parents[1]
-    for flag in ("--device", "--num-workers", "--debug", "--no-progress", "--image-id-type"):
+    shared = ("--device", "--num-workers", "--debug", "--no-progress", "--image-id-type", "--context-length")
+    for flag in (*shared, "--model-arch", "--convert-text", "--convert-vision"):
         declares = re.compile(r'add_argument\(\s*"' + re.escape(flag) + '"')
         owners = [str(p.relative_to(package)) for p in package.rglob("*.py") if declares.search(p.read_text("utf-8"))]
         assert owners == ["cli/args.py"], (flag, owners)
