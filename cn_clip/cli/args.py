@@ -93,6 +93,13 @@ def add_progress_arg(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--no-progress", action="store_true", default=False, help="hide the progress bars")
 
 
+def add_image_reader_args(parser: argparse._ActionsContainer) -> None:
+    """How the image-reading commands (extraction, evaluation, indexing) load an LMDB: workers, ids, progress."""
+    add_num_workers_arg(parser)
+    add_image_id_type_arg(parser)
+    add_progress_arg(parser)
+
+
 def add_image_id_type_arg(parser: argparse._ActionsContainer) -> None:
     parser.add_argument(
         "--image-id-type",

@@ -17,11 +17,9 @@ from cn_clip.cli.args import (
     add_context_length_arg,
     add_debug_arg,
     add_device_arg,
-    add_image_id_type_arg,
+    add_image_reader_args,
     add_model_args,
-    add_num_workers_arg,
     add_precision_arg,
-    add_progress_arg,
     add_resume_arg,
 )
 from cn_clip.cli.runner import run_cli, setup_logging
@@ -67,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     extra.add_argument("--npy-dtype", choices=("float32", "float16"), default="float32", help="matrix dtype for npy")
     add_device_arg(extra)
-    add_num_workers_arg(extra)
-    add_image_id_type_arg(extra)
-    add_progress_arg(extra)
+    add_image_reader_args(extra)
     return parser
 
 

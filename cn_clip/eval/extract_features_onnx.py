@@ -17,10 +17,8 @@ from cn_clip.cli.args import (
     add_context_length_arg,
     add_debug_arg,
     add_device_arg,
-    add_image_id_type_arg,
+    add_image_reader_args,
     add_model_args,
-    add_num_workers_arg,
-    add_progress_arg,
 )
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError
@@ -39,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(parser)  # only the image resolution is read from --vision-model
     add_debug_arg(parser)
     extra = parser.add_argument_group("cn_clip additions")
-    add_num_workers_arg(extra)
-    add_image_id_type_arg(extra)
-    add_progress_arg(extra)
+    add_image_reader_args(extra)
     return parser
 
 

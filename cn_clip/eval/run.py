@@ -23,11 +23,9 @@ from typing import Any
 from cn_clip.cli.args import (
     add_context_length_arg,
     add_device_arg,
-    add_image_id_type_arg,
+    add_image_reader_args,
     add_model_args,
-    add_num_workers_arg,
     add_precision_arg,
-    add_progress_arg,
     add_resume_arg,
 )
 from cn_clip.cli.runner import run_cli, setup_logging
@@ -56,13 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-batch-size", type=int, default=64, help="text batch size")
     parser.add_argument("--top-k", type=int, default=10, help="predictions per query (the scoring needs 10)")
     add_device_arg(parser)
-    add_num_workers_arg(parser)
     parser.add_argument(
         "--backend", choices=BACKENDS, default="auto", help="top-k back end (see make_topk_predictions)"
     )
     parser.add_argument("--output-format", choices=("jsonl", "npy"), default="jsonl", help="feature file format")
-    add_image_id_type_arg(parser)
-    add_progress_arg(parser)
+    add_image_reader_args(parser)
     return parser
 
 

@@ -15,11 +15,9 @@ from collections.abc import Sequence
 from cn_clip.cli.args import (
     add_context_length_arg,
     add_device_arg,
-    add_image_id_type_arg,
+    add_image_reader_args,
     add_model_args,
-    add_num_workers_arg,
     add_precision_arg,
-    add_progress_arg,
     add_resume_arg,
 )
 from cn_clip.cli.runner import run_cli, setup_logging
@@ -39,11 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.set_defaults(precision="fp32")
     add_context_length_arg(index)
     index.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
-    add_num_workers_arg(index)
     add_device_arg(index)
-    add_image_id_type_arg(index)
+    add_image_reader_args(index)
     index.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
-    add_progress_arg(index)
 
     search = commands.add_parser("query", help="search an index with a text or an image")
     search.add_argument("--index", required=True, help="index directory (from 'index')")
