@@ -16,7 +16,6 @@ from cn_clip.cli.args import add_device_arg
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.eval.directions import Direction, get_direction
 from cn_clip.eval.featio import FeatureId, read_feature_files
-from cn_clip.eval.features import resolve_device
 from cn_clip.eval.topk import BACKENDS, DEFAULT_GALLERY_CHUNK, resolve_backend, topk_search
 from cn_clip.fileio import atomic_write
 
@@ -105,6 +104,8 @@ def main(argv: Sequence[str] | None = None, direction: str = "text_to_image") ->
     spec = get_direction(direction)
 
     def run(args_list: Sequence[str] | None) -> int:
+        from cn_clip.eval.features import resolve_device
+
         parser = build_parser(spec)
         args = parser.parse_args(args_list)
         _logger.info("params: %s", ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
