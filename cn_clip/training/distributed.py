@@ -65,7 +65,9 @@ def init_distributed(use_deepspeed: bool = False, device: str | None = None, tim
         return DistEnv(device=dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if use_deepspeed:
-        import deepspeed
+        from cn_clip.extras import require
+
+        deepspeed = require("deepspeed", "--deepspeed")
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     elif not dist.is_initialized():
