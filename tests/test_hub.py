@@ -90,7 +90,7 @@ _DOWNLOADER = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 from cn_clip.hub import download
-download([sys.argv[1]], sys.argv[2], sys.argv[3])
+download([sys.argv[1]], sys.argv[2], sys.argv[3], timeout_s=120)  # the server holds the first reply
 """
 
 
