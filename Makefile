@@ -13,11 +13,10 @@ venv: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install $(TORCH_PINS)
-	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
-	# deepspeed's setup imports torch: build it against the torch above, not a fresh CUDA wheel.
-	$(PY) -m pip install --no-build-isolation "deepspeed>=0.14"
-	$(PY) -m pip install --no-deps --no-build-isolation -e .
+	$(PY) -m pip install $(TORCH_PINS) "setuptools>=64" wheel
+	# cn_clip with every extra (setup.py lists them). No build isolation: deepspeed's setup imports torch, so it
+	# builds against the torch above instead of fetching a fresh CUDA wheel.
+	$(PY) -m pip install --no-build-isolation -e ".[all]" -r requirements-dev.txt
 	touch $(STAMP)
 
 lint: venv

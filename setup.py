@@ -1,4 +1,9 @@
-"""Packaging for cn_clip. Data files (configs, vocab, templates) live inside the package."""
+"""Packaging for cn_clip. Data files (configs, vocab, templates) live inside the package.
+
+The core install (requirements.txt) is what ``load_from_name``, ``tokenize``, the preprocessing CLIs, LMDB building,
+training and evaluation need. Everything else is an extra, named in one line by ``cn_clip.extras`` when missing;
+the README's install section says why each dependency is there.
+"""
 
 from pathlib import Path
 
@@ -13,6 +18,17 @@ requirements = [
     if line.strip() and not line.startswith("#")
 ]
 
+# Optional dependencies by feature (a literal: tests/test_extras.py checks it against cn_clip.extras.OPTIONAL).
+EXTRAS = {
+    "deploy": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1"],
+    "search": ["faiss-cpu>=1.7.4", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
+    "deepspeed": ["deepspeed>=0.14"],
+    "train": ["peft>=0.10", "webdataset>=0.2.86", "fsspec>=2024.2"],
+    "plots": ["matplotlib>=3.8"],
+    "demo": ["scikit-image>=0.22"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
 setup(
     name="cn_clip",
     version=version["__version__"],
@@ -22,8 +38,8 @@ setup(
     packages=find_packages(include=["cn_clip", "cn_clip.*"]),
     package_data={"cn_clip": ["*.txt", "models/configs/*.json", "eval/templates/*.json", "data/demo/*"]},
     include_package_data=True,
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # datetime.UTC (training/main.py)
     install_requires=requirements,
-    extras_require={"deepspeed": ["deepspeed>=0.14"]},
+    extras_require=EXTRAS,
     license="MIT",
 )

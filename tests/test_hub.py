@@ -84,3 +84,71 @@ def test_load_from_name_offline_names_url_and_path(tmp_path: Path, monkeypatch) 
 
     with pytest.raises(DownloadError, match=f"place it at {tmp_path / 'clip_cn_rn50.pt'}"):
         load_from_name("RN50", device="cpu", download_root=str(tmp_path))
+
+
+_DOWNLOADER = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+from cn_clip.hub import download
+download([sys.argv[1]], sys.argv[2], sys.argv[3], timeout_s=120)  # the server holds the first reply
+"""
+
+
+def test_two_processes_share_one_cache(tmp_path: Path) -> None:
+    """Two processes fetch the same file into one cache: one download (the other waits on the lock), one intact,
+    verified file, no temp files left. The server holds the response until the second process is seen waiting."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    payload = os.urandom(3 << 20)
+    sha = hashlib.sha256(payload).hexdigest()
+    release = threading.Event()
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            release.wait(60)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            for start in range(0, len(payload), 1 << 18):
+                self.wfile.write(payload[start : start + (1 << 18)])
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/w.pt"
+    cache = tmp_path / "cache"
+    target = cache / "w.pt"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    logs = [tmp_path / f"p{i}.log" for i in range(2)]
+    procs = []
+    try:
+        for log in logs:
+            with open(log, "wb") as err:
+                cmd = [sys.executable, "-c", _DOWNLOADER, url, str(target), sha]
+                procs.append(subprocess.Popen(cmd, stderr=err, stdout=subprocess.DEVNULL, env=env))
+        deadline = time.monotonic() + 60
+        while not any("Waiting for another process" in log.read_text(errors="replace") for log in logs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no process waited"
+            time.sleep(0.05)
+        release.set()
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        release.set()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        httpd.shutdown()
+    assert codes == [0, 0], [log.read_text() for log in logs]
+    assert requests == ["/w.pt"]
+    assert target.read_bytes() == payload
+    from cn_clip.hub import is_verified
+
+    assert is_verified(target, sha)
+    assert sorted(p.name for p in cache.iterdir()) == ["w.pt", "w.pt.lock", "w.pt.sha256"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cn_clip.models.factory import _released_file, load_from_name
 from cn_clip.models.factory import create_model as _create_model
+from cn_clip.models.factory import load_from_name, released_file
 from cn_clip.models.pretrained import PRETRAINED, available_models
 from cn_clip.transforms import image_transform
 
@@ -27,4 +27,4 @@ def create_model(model_name: str, checkpoint: dict[str, Any] | None = None, use_
 def _download(model_name: str | tuple, root: str, use_modelscope: bool = False) -> str:
     """Download a released model into ``root`` (verified by SHA-256) and return its path."""
     name = model_name if isinstance(model_name, str) else next(n for n, v in _MODELS.items() if v == tuple(model_name))
-    return str(Path(_released_file(name, root, use_modelscope)))
+    return str(Path(released_file(name, root, use_modelscope)))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cn_clip.errors import DataError
+from cn_clip.extras import MissingExtraError, missing_message
 
 _logger = logging.getLogger(__name__)
 CAPTIONS = Path(__file__).with_name("demo") / "captions.json"
@@ -44,7 +45,7 @@ def load_classes() -> list[DemoClass]:
 def skimage_data_dir() -> Path:
     spec = importlib.util.find_spec("skimage")  # locate the files without importing scikit-image
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the demo dataset needs scikit-image's bundled images: pip install scikit-image")
+        raise MissingExtraError(missing_message("skimage", "the demo dataset (scikit-image's bundled images)"))
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 

@@ -600,11 +600,6 @@ def _check_targets(lmdb_dir: Path, splits: Sequence[str], overwrite: bool) -> No
             _logger.warning("leftover temporary dir(s) of an interrupted build: %s", ", ".join(map(str, stale)))
 
 
-def _announce(result: SplitResult) -> None:
-    print(f"Finished serializing {result.n_pairs} {result.split} split pairs into {result.path / 'pairs'}.")
-    print(f"Finished serializing {result.n_images} {result.split} split images into {result.path / 'imgs'}.")
-
-
 def _build_validated(plans: list[SplitPlan], lmdb_dir: Path, map_size: int | None, stack) -> list[SplitResult]:
     """``--skip-bad``: pass 2 over validated plans, leaving out every bad row."""
     from cn_clip.fileio import atomic_dir
@@ -713,8 +708,6 @@ def build_lmdb(
             opts = {"workers": workers, "check_images": check_images, "map_size": map_size}
             plans, results = _build_speculative(data_dir, splits, lmdb_dir, opts, stack)
             _fail_on_problems(plans, report_path)
-    for result in results:
-        _announce(result)
     dropped = [p for result in results for p in result.dropped]
     if dropped:
         _logger.warning("--skip-bad dropped %d row(s):\n%s", len(dropped), format_problems(dropped))

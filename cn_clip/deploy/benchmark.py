@@ -87,11 +87,6 @@ class TimingStats:
         )
 
 
-def print_timings(name: str, timings: Sequence[float]) -> None:
-    """Reference-compatible helper: print the stats line of ``timings`` (seconds)."""
-    print(TimingStats.of(name, timings).line())
-
-
 def markdown_table(rows: Sequence[TimingStats], unit: str = "items") -> str:
     """A summary table: name, median latency, p95, throughput."""
     lines = [f"| run | median ms | p95 ms | {unit}/s |", "|---|---:|---:|---:|"]

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from cn_clip.errors import CnClipError, ConfigError
+from cn_clip.extras import require
 
 if TYPE_CHECKING:
     import onnx
@@ -123,6 +124,7 @@ def torch_export(model: CLIP, kind: str, path: Path, context_length: int = 52, o
     second per tiny model and needs no ``torch.export`` shape constraints; the dynamo exporter is slower to run and
     specialises some shapes of transformers' mask code.
     """
+    require("onnx", "ONNX export")
     input_name, output_name = ENCODER_IO[kind]
     wrapper = (ImageEncoder(model) if kind == "img" else TextEncoder(model)).eval()
     axes = {0: "batch"} if kind == "img" else {0: "batch", 1: "sequence"}
@@ -148,7 +150,7 @@ def model_bytes(model: onnx.ModelProto) -> int:
 
 def save_model(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:
     """Save ``model``; weights go into ONE relative external file when it exceeds 2 GB (or ``external_data``)."""
-    import onnx
+    onnx = require("onnx", "ONNX export")
 
     use_external = model_bytes(model) > PROTOBUF_LIMIT_BYTES * 0.9 if external_data is None else external_data
     for stale in (path, path.parent / external_data_name(path)):
@@ -168,7 +170,7 @@ def save_model(model: onnx.ModelProto, path: Path, external_data: bool | None = 
 
 
 def load_model(path: Path) -> onnx.ModelProto:
-    import onnx
+    onnx = require("onnx", "ONNX export")
 
     return onnx.load(str(path), load_external_data=True)
 
@@ -179,7 +181,7 @@ def unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     The exporter de-duplicates equal weights (e.g. LayerNorm scales that are still all ones) and feeds the copies
     through Identity nodes; a weight shared by an fp32 LayerNorm and an fp16 node could not keep both types.
     """
-    import onnx
+    onnx = require("onnx", "ONNX export")
 
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
@@ -202,6 +204,7 @@ def to_fp16(source: Path) -> onnx.ModelProto:
 
     Takes a path so that shape inference works for models over 2 GB (onnx's path-based inference).
     """
+    require("onnxruntime", "fp16 ONNX export")
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     return convert_float_to_float16(
@@ -218,6 +221,7 @@ def quantize_int8(source: Path) -> onnx.ModelProto:
     Weights are signed int8 with ``reduce_range`` (7-bit): on AVX2 CPUs without VNNI the u8×s8 kernels can
     saturate with full-range weights (onnxruntime's quantisation guide).
     """
+    require("onnxruntime", "int8 ONNX export")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
@@ -247,7 +251,7 @@ def quantize_int8(source: Path) -> onnx.ModelProto:
 
 def providers_for(device: str) -> list[str]:
     """onnxruntime execution providers for ``cpu`` / ``cuda``; a missing CUDA provider is a warning, not a crash."""
-    import onnxruntime
+    onnxruntime = require("onnxruntime", "running ONNX models")
 
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -265,7 +269,7 @@ def create_session(
     path: str | os.PathLike, device: str = "cpu", threads: int | None = None
 ) -> onnxruntime.InferenceSession:
     """An inference session for ``path`` (external data resolved relative to the model file)."""
-    import onnxruntime
+    onnxruntime = require("onnxruntime", "running ONNX models")
 
     path = Path(path)
     if not path.is_file():

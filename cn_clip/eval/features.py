@@ -118,7 +118,9 @@ class OnnxEncoder:
     batch 1 and a fixed context) are honoured by running item by item and padding/cutting token columns."""
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None) -> None:
-        import onnxruntime as ort
+        from cn_clip.extras import require
+
+        ort = require("onnxruntime", "ONNX features")
 
         if not Path(path).is_file():
             raise ConfigError(f"ONNX model not found: {path}")

@@ -136,7 +136,9 @@ def _numpy_candidates(q: np.ndarray, chunk: np.ndarray, k: int) -> tuple[np.ndar
 
 
 def _faiss_candidates(q: np.ndarray, chunk: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    import faiss
+    from cn_clip.extras import require
+
+    faiss = require("faiss", "--backend faiss")
 
     n = len(chunk)
     if n <= k:

@@ -115,7 +115,9 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _released_file(name: str, download_root: str | None, use_modelscope: bool) -> Path:
+def released_file(name: str, download_root: str | None = None, use_modelscope: bool = False) -> Path:
+    """The verified local path of released model ``name`` in ``download_root`` (default ``~/.cache/clip``),
+    downloaded first if needed; safe to call from several processes sharing the cache (see :mod:`cn_clip.hub`)."""
     from cn_clip.hub import DEFAULT_CACHE, download
 
     info = PRETRAINED[name]
@@ -144,7 +146,7 @@ def load_from_name(
 
     device = device or _default_device()
     if name in PRETRAINED:
-        path = _released_file(name, download_root, use_modelscope)
+        path = released_file(name, download_root, use_modelscope)
         architecture, resolution = PRETRAINED[name].architecture, PRETRAINED[name].resolution
     elif Path(name).expanduser().is_file():
         path = Path(name).expanduser()

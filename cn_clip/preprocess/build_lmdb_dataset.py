@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError("--workers must be at least 1")
     splits = parse_splits(args.splits)
     print("Dataset splits to be processed: {}".format(", ".join(splits)))
-    build_lmdb(
+    results = build_lmdb(
         args.data_dir,
         splits,
         args.lmdb_dir,
@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         map_size=args.map_size,
         report=args.report,
     )
+    for result in results:
+        print(f"Finished serializing {result.n_pairs} {result.split} split pairs into {result.path / 'pairs'}.")
+        print(f"Finished serializing {result.n_images} {result.split} split images into {result.path / 'imgs'}.")
     print("done!")
     return 0
 

@@ -101,7 +101,9 @@ def build_index(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Extract, index and write ``out`` atomically; returns the metadata written to ``meta.json``."""
-    import faiss
+    from cn_clip.extras import require
+
+    faiss = require("faiss", "building a search index")
 
     if Path(out).exists() and not overwrite:
         raise ConfigError(f"{out} already exists (pass --overwrite to replace it)")

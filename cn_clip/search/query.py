@@ -41,7 +41,9 @@ class SearchIndex:
     """A loaded index directory (see :mod:`cn_clip.search.index`)."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
-        import faiss
+        from cn_clip.extras import require
+
+        faiss = require("faiss", "searching an index")
 
         self.directory = Path(directory)
         for name in (INDEX_FILE, IDS_FILE, META_FILE):

@@ -6,9 +6,11 @@ process group at all; every collective below is a no-op then.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 
 import torch
@@ -63,7 +65,9 @@ def init_distributed(use_deepspeed: bool = False, device: str | None = None, tim
         return DistEnv(device=dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if use_deepspeed:
-        import deepspeed
+        from cn_clip.extras import require
+
+        deepspeed = require("deepspeed", "--deepspeed")
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     elif not dist.is_initialized():
@@ -76,6 +80,17 @@ def init_distributed(use_deepspeed: bool = False, device: str | None = None, tim
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def local_primary_first(env: DistEnv) -> Iterator[None]:
+    """Run the block on each node's local primary first while the node's other ranks wait at a barrier, then on
+    them: a download into the shared cache happens once per node and the others find the verified file."""
+    if not env.is_local_primary:
+        barrier(env)
+    yield
+    if env.is_local_primary:
+        barrier(env)
 
 
 def cleanup(env: DistEnv) -> None:

@@ -176,7 +176,9 @@ class DeepSpeedEngine(Engine):
     def __init__(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, config: dict, precision: str
     ) -> None:
-        import deepspeed
+        from cn_clip.extras import require
+
+        deepspeed = require("deepspeed", "--deepspeed")
 
         self.module = module
         self.env = env
@@ -245,7 +247,9 @@ class DeepSpeedEngine(Engine):
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 weights in the reference layout (gathered from the ZeRO-3 partitions when needed)."""
         if self.zero_stage == 3:
-            import deepspeed
+            from cn_clip.extras import require
+
+            deepspeed = require("deepspeed", "--deepspeed")
 
             with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
                 state = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}

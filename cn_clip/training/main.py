@@ -98,9 +98,9 @@ def _resume_path(args: argparse.Namespace, checkpoint_dir: Path | None) -> Path 
         from cn_clip.models.pretrained import PRETRAINED
 
         if not path.exists() and args.resume in PRETRAINED:  # a released name, e.g. --resume ViT-B-16
-            from cn_clip.models.factory import _released_file
+            from cn_clip.models.factory import released_file
 
-            return _released_file(args.resume, None, False)
+            return released_file(args.resume)
         if not path.is_file():
             raise CheckpointError(f"--resume {path}: no such checkpoint file (refusing to train from scratch)")
         return path
@@ -162,7 +162,10 @@ def _build_teacher(args: argparse.Namespace, env: DistEnv) -> Any:
                 "modelscope (`pip install modelscope`)"
             ) from None
         raise ConfigError(f"Error: Valid teacher model name has not been built: {name!r} (ModelScope teachers TBD)")
-    teacher, _ = load_from_name(name, device=str(env.device))
+    from cn_clip.training.distributed import local_primary_first
+
+    with local_primary_first(env):  # one download per node into the shared cache
+        teacher, _ = load_from_name(name, device=str(env.device))
     teacher.float().eval().requires_grad_(False)
     _logger.info("Teacher model loaded from %s", name)
     return teacher.encode_image
@@ -215,7 +218,7 @@ def train(args: argparse.Namespace) -> dict:
     """Build everything from parsed ``args`` and train; returns a summary (last loss, validation metrics)."""
     from cn_clip.data.loader import get_data
     from cn_clip.training.checkpoint import Position
-    from cn_clip.training.distributed import cleanup, init_distributed
+    from cn_clip.training.distributed import cleanup, init_distributed, local_primary_first
     from cn_clip.training.loop import Trainer, resolve_max_steps
     from cn_clip.training.params import data_config, train_config
 
@@ -228,7 +231,8 @@ def train(args: argparse.Namespace) -> dict:
         _seed_everything(args.seed, 0)  # identical initial weights on every rank
         model = _build_model(args, env)
         _seed_everything(args.seed, env.rank)
-        resume = _resume_path(args, checkpoint_dir)
+        with local_primary_first(env):  # a released name is downloaded once per node
+            resume = _resume_path(args, checkpoint_dir)
         ckpt = _load_weights(model, resume) if resume else None
         model.to(env.device)
         data = get_data(data_config(args), env.world_size, env.rank, model.cfg.vision.image_resolution)

@@ -337,3 +337,20 @@ def test_killed_build_leaves_nothing_at_the_target(tmp_path):
     assert not (tmp_path / "lmdb" / "train").exists()
     # The temp sibling stays after SIGKILL; training never reads it, and the next build warns about it.
     assert main(["--data_dir", str(tmp_path), "--splits", "train"]) == 0
+
+
+def test_library_returns_counts_and_only_the_cli_prints(tmp_path: Path, capsys) -> None:
+    results = lmdb_build.build_lmdb(FIXTURES / "raw", ["train", "valid"], tmp_path / "lib")
+    assert capsys.readouterr().out == ""
+    assert [(r.split, r.n_pairs > 0, r.n_images > 0) for r in results] == [("train", True, True), ("valid", True, True)]
+    assert (
+        main(["--data_dir", str(FIXTURES / "raw"), "--splits", "train,valid", "--lmdb_dir", str(tmp_path / "cli")]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Dataset splits to be processed: train, valid" and lines[-1] == "done!"
+    train = results[0]
+    assert (
+        lines[1]
+        == f"Finished serializing {train.n_pairs} train split pairs into {tmp_path / 'cli' / 'train' / 'pairs'}."
+    )
+    assert len(lines) == 6

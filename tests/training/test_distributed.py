@@ -57,3 +57,24 @@ def test_torchrun_main_two_processes(tmp_path: Path) -> None:
     log = next((tmp_path / "run").glob("out_*.log")).read_text()
     assert "Global Batch Size: 8" in log
     assert latest_state(tmp_path)["module.logit_scale"].shape == ()
+
+
+LOCAL_PRIMARY_PROBE = """
+import sys, time
+from cn_clip.training.distributed import cleanup, init_distributed, local_primary_first
+env = init_distributed(device="cpu")
+with local_primary_first(env):
+    with open(sys.argv[1], "a") as log:
+        log.write(f"{env.rank} in\\n")
+    time.sleep(1.0 if env.is_local_primary else 0.0)  # a download
+    with open(sys.argv[1], "a") as log:
+        log.write(f"{env.rank} out\\n")
+cleanup(env)
+"""
+
+
+def test_local_primary_runs_first_while_the_others_wait(tmp_path: Path) -> None:
+    script, log = tmp_path / "probe.py", tmp_path / "order.txt"
+    script.write_text(LOCAL_PRIMARY_PROBE, encoding="utf-8")
+    subprocess.run(_torchrun(2, str(script), str(log)), check=True, env=_env(), cwd=REPO, timeout=300)
+    assert log.read_text().split("\n")[:4] == ["0 in", "0 out", "1 in", "1 out"]
