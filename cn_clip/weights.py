@@ -158,8 +158,13 @@ def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: v for k, v in state.items() if not k.startswith("bert.pooler.") and not k.endswith("position_ids")}
 
 
-def resize_pos_embed(state: dict[str, torch.Tensor], model: torch.nn.Module, key: str = "visual.positional_embedding"):
-    """Interpolate a ViT's stored position grid to the model's grid (bicubic, ``align_corners=True``), in place."""
+def resize_pos_embed(
+    state: dict[str, torch.Tensor],
+    model: torch.nn.Module,
+    key: str = "visual.positional_embedding",
+    mode: str = "bicubic",
+):
+    """Interpolate a ViT's stored position grid to the model's grid (``mode``, ``align_corners=True``), in place."""
     stored = state.get(key)
     target = dict(model.state_dict()).get(key)
     if stored is None or target is None or stored.shape == target.shape or stored.dim() != 2:
@@ -169,7 +174,7 @@ def resize_pos_embed(state: dict[str, torch.Tensor], model: torch.nn.Module, key
         return  # not a square grid; the strict loader reports the mismatch
     _logger.info("Resizing position embedding grid-size from %s to %s", (old_grid, old_grid), (new_grid, new_grid))
     grid = stored[1:].float().reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=True)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode=mode, align_corners=True)
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(stored.dtype)
     state[key] = torch.cat([stored[:1], grid], dim=0)
 
