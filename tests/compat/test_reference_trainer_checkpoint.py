@@ -161,3 +161,23 @@ def test_numpy_dtype_state_does_not_leak_into_numpy(tmp_path: Path) -> None:
     torch.save({"d": np.dtype(">f8")}, path)
     assert read_checkpoint(path)["d"] == np.dtype(">f8")
     assert np.dtype("f8").byteorder == "=" and np.zeros(1).dtype.isnative
+
+
+def test_numpy1_scalar_name_is_read(tmp_path: Path) -> None:
+    """Files written under NumPy 1 name ``numpy.core.multiarray.scalar``: same function, older module path."""
+    import zipfile
+
+    from cn_clip.weights import read_checkpoint
+
+    written = tmp_path / "numpy2.pt"
+    torch.save({"lr": np.float64(0.5)}, written)
+    path = tmp_path / "numpy1.pt"
+    with zipfile.ZipFile(written) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            if name.endswith("data.pkl"):
+                assert b"numpy._core.multiarray\nscalar" in data
+                data = data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
+            dst.writestr(name, data)
+    loaded = read_checkpoint(path)["lr"]
+    assert type(loaded) is np.float64 and loaded == 0.5
