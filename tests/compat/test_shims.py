@@ -17,7 +17,14 @@ from cn_clip.errors import ConfigError
 from tests.conftest import TINY_ARCH
 
 SHIMS = Path(__file__).resolve().parents[1] / "fixtures" / "shims"
-BERT_CASES = json.loads((SHIMS / "bert_config.json").read_text())
+BERT_GOLDEN = json.loads((SHIMS / "bert_config.json").read_text())
+BERT_CASES = BERT_GOLDEN["calls"]
+
+
+def test_bert_config_positional_order_is_the_reference() -> None:
+    from cn_clip.clip.configuration_bert import REFERENCE_POSITIONAL
+
+    assert ["vocab_size_or_config_json_file", *REFERENCE_POSITIONAL] == BERT_GOLDEN["signature"]
 
 
 @pytest.mark.parametrize("case", BERT_CASES, ids=[f"call{i}" for i in range(len(BERT_CASES))])
