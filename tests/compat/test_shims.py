@@ -195,3 +195,12 @@ def test_create_model_and_load_warn_on_flash_attention(tiny_state: dict, tmp_pat
         loaded = clip.load(create_model(TINY_ARCH), "cpu", bert_path=str(bert_path), use_flash_attention=True)
     key = "bert.encoder.layer.0.attention.self.query.weight"
     assert torch.equal(loaded.state_dict()[key], tiny_state[key])
+
+
+def test_training_flag_logs_that_sdpa_already_selects_flash(tmp_path: Path) -> None:
+    from tests.training.helpers import tiny_args, train
+
+    train(tiny_args(tmp_path, "--use-flash-attention", steps=1))
+    (log,) = (tmp_path / "run").glob("out_*.log")
+    line = next(line for line in log.read_text(encoding="utf-8").splitlines() if "Using FlashAttention" in line)
+    assert "SDPA" in line and "selects the FlashAttention kernel on a GPU" in line
