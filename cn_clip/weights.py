@@ -37,7 +37,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         except Exception as exc:  # safetensors raises several types for a corrupt header
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refused to unpickle (only tensors and plain containers are allowed): {exc}"
@@ -49,6 +50,48 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return dict(obj)
+
+
+_NUMERIC_KINDS = "biufc"  # bool, int, uint, float, complex: no object, void, string or datetime dtypes
+
+
+def _numeric_dtype(spec: Any, align: bool = False, copy: bool = False) -> Any:
+    """``numpy.dtype(spec)`` for a short numeric type code only (what NumPy pickles a dtype as)."""
+    import numpy as np
+
+    if not isinstance(spec, str) or len(spec) > 4 or np.dtype(spec).kind not in _NUMERIC_KINDS:
+        raise pickle.UnpicklingError(f"numpy.dtype({spec!r}) is not a plain numeric dtype")
+    del copy  # always a fresh dtype: the unpickler then sets its state, which must not touch NumPy's shared ones
+    return np.dtype(spec, align=bool(align), copy=True)
+
+
+def _numeric_scalar(dtype: Any, data: Any = None) -> Any:
+    """``numpy scalar(dtype, bytes)`` for numeric dtypes only: the LR the reference's cosine schedule stores."""
+    import numpy as np
+
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None:
+        raise pickle.UnpicklingError(f"NumPy scalar of dtype {dtype!r} is not a plain numeric scalar")
+    if type(data) is not bytes or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError(f"NumPy {dtype} scalar needs {dtype.itemsize} bytes of data")
+    return np.frombuffer(data, dtype=dtype)[0].copy()
+
+
+def _numpy_scalar_globals() -> list[tuple[Any, str]]:
+    """The NumPy globals of a reference training checkpoint (its optimizer's ``lr`` is a ``numpy.float64``), each
+    behind a check that admits numeric scalars and dtypes only; nothing here can run code or build objects.
+
+    NumPy 2 writes ``numpy._core.multiarray.scalar``, NumPy 1 ``numpy.core.multiarray.scalar``; both write
+    ``numpy.dtype``. The dtype classes are listed because the unpickler sets a dtype's state only for allowed types.
+    """
+    import numpy as np
+
+    dtype_classes = [type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"]
+    return [
+        (_numeric_scalar, "numpy._core.multiarray.scalar"),
+        (_numeric_scalar, "numpy.core.multiarray.scalar"),
+        (_numeric_dtype, "numpy.dtype"),
+        *[(cls, f"numpy.dtypes.{cls.__name__}") for cls in dtype_classes],
+    ]
 
 
 def state_dict_of(checkpoint: Mapping[str, Any], source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
@@ -115,8 +158,13 @@ def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: v for k, v in state.items() if not k.startswith("bert.pooler.") and not k.endswith("position_ids")}
 
 
-def resize_pos_embed(state: dict[str, torch.Tensor], model: torch.nn.Module, key: str = "visual.positional_embedding"):
-    """Interpolate a ViT's stored position grid to the model's grid (bicubic, ``align_corners=True``), in place."""
+def resize_pos_embed(
+    state: dict[str, torch.Tensor],
+    model: torch.nn.Module,
+    key: str = "visual.positional_embedding",
+    mode: str = "bicubic",
+):
+    """Interpolate a ViT's stored position grid to the model's grid (``mode``, ``align_corners=True``), in place."""
     stored = state.get(key)
     target = dict(model.state_dict()).get(key)
     if stored is None or target is None or stored.shape == target.shape or stored.dim() != 2:
@@ -126,7 +174,7 @@ def resize_pos_embed(state: dict[str, torch.Tensor], model: torch.nn.Module, key
         return  # not a square grid; the strict loader reports the mismatch
     _logger.info("Resizing position embedding grid-size from %s to %s", (old_grid, old_grid), (new_grid, new_grid))
     grid = stored[1:].float().reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=True)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode=mode, align_corners=True)
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(stored.dtype)
     state[key] = torch.cat([stored[:1], grid], dim=0)
 

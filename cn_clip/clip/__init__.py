@@ -10,7 +10,7 @@ from typing import Any
 
 _LAZY = {
     "load_from_name": ("cn_clip.models.factory", "load_from_name"),
-    "load": ("cn_clip.models.factory", "load"),
+    "load": ("cn_clip.clip.utils", "load"),
     "available_models": ("cn_clip.models.pretrained", "available_models"),
     "tokenize": ("cn_clip.tokenizer", "tokenize"),
     "image_transform": ("cn_clip.transforms", "image_transform"),

@@ -7,6 +7,12 @@ from torch import nn
 
 from cn_clip.models.config import TextCfg
 
+# Why ``use_flash_attention`` / ``--use-flash-attention`` select nothing here (docs/compatibility.md#flash-attention).
+SDPA_NOTE = (
+    "attention always runs through PyTorch's scaled_dot_product_attention (SDPA), which already selects the "
+    "FlashAttention kernel on a GPU when the inputs allow it; no kernel, weight or key layout changes"
+)
+
 
 def create_bert(cfg: TextCfg) -> nn.Module:
     """A post-LN BERT whose state-dict keys (under ``bert.``) are the reference's."""

@@ -62,7 +62,9 @@ def _check_args(args: argparse.Namespace, model: Any) -> None:
     if args.distillation and not args.teacher_model_name:
         raise ConfigError("--distillation needs --teacher-model-name")
     if args.use_flash_attention:
-        _logger.info("Using FlashAttention.")  # SDPA picks flash kernels when available; no key changes
+        from cn_clip.models.text import SDPA_NOTE
+
+        _logger.info("Using FlashAttention: %s; validation runs under autocast, as in the reference.", SDPA_NOTE)
 
 
 def _build_model(args: argparse.Namespace, env: DistEnv) -> Any:

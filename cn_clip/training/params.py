@@ -81,7 +81,12 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--freeze-vision", action="store_true", default=False, help="image tower frozen (LiT)")
     group.add_argument("--freeze-text", action="store_true", default=False, help="text tower frozen")
     group.add_argument("--grad-checkpointing", action="store_true", default=False, help="recompute activations")
-    group.add_argument("--use-flash-attention", action="store_true", default=False, help="SDPA / flash kernels")
+    group.add_argument(
+        "--use-flash-attention",
+        action="store_true",
+        default=False,
+        help="kept for the reference's scripts: SDPA already picks the flash kernel on GPU; validation uses autocast",
+    )
     group.add_argument("--use-bn-sync", action="store_true", default=False, help="SyncBatchNorm (ResNet)")
 
 

@@ -15,7 +15,7 @@ from cn_clip.models.vit import flip_keep_count, random_patch_masking
 
 KEYS_DIR = Path(__file__).parents[1] / "fixtures" / "state_dict_keys"
 TINY = ["ViT-Tiny@BERT-Tiny-chinese", "RN-Tiny@BERT-Tiny-chinese"]
-# Parameter counts of the released architectures (SPEC §3.2).
+# Parameter counts of the released architectures (docs/compatibility.md#model-sizes).
 PARAMS = {
     "ViT-B-16@RoBERTa-wwm-ext-base-chinese": 188_262_913,
     "ViT-L-14@RoBERTa-wwm-ext-base-chinese": 406_233_089,
