@@ -208,8 +208,8 @@ def _tensorboard(args: Any, env: Any, run_dir: Path | None) -> Any:
 def train(args: Any) -> dict:
     """Build everything from parsed ``args`` and train; returns a summary (last loss, validation metrics)."""
     from cn_clip.data.loader import get_data
+    from cn_clip.runtime import cleanup, init_distributed
     from cn_clip.training.checkpoint import Position
-    from cn_clip.training.distributed import cleanup, init_distributed
     from cn_clip.training.loop import Trainer, resolve_max_steps
 
     env = init_distributed(args.deepspeed, args.device)
