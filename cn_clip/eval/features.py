@@ -299,6 +299,9 @@ def extract_files(
     ``N text features are stored in …``, ``Done!``) go to ``announce`` (a CLI passes ``print`` on rank 0)."""
     say = announce or (_logger.info if (env or DistEnv()).is_primary else _logger.debug)
     done: dict[str, Extracted | None] = {}
+    unknown = [job.kind for job in jobs if job.kind not in ("text", "image")]
+    if unknown:
+        raise ConfigError(f"unknown feature job kind {unknown[0]!r}; use 'text' or 'image'")
     for job in jobs:
         say(f"Make inference for {job.kind}s...")
         if job.kind == "text":

@@ -68,3 +68,12 @@ def test_onnx_text_inputs_are_trimmed_by_the_model_helper(exported: dict[str, Pa
     assert prepared.shape == (3, 9)
     np.testing.assert_array_equal(prepared, trim_padding(tokens).numpy())
     assert encoder.prepare(torch.zeros(2, 52, dtype=torch.long)).shape == (2, 1)
+
+
+def test_unknown_job_kind_is_refused_before_any_work(tmp_path: Path) -> None:
+    from cn_clip.errors import ConfigError
+
+    job = F.FeatureJob("audio", lambda batch: batch, "x", str(tmp_path / "out.jsonl"))
+    with pytest.raises(ConfigError, match="unknown feature job kind 'audio'"):
+        F.extract_files([job], F.ExtractOptions(progress=False))
+    assert not (tmp_path / "out.jsonl").exists()
