@@ -81,7 +81,7 @@ def worker_ours(arch: str, batch: int, variant: str, steps: int, device: str) ->
     import torch
 
     from cn_clip.models.factory import create_model
-    from cn_clip.training.distributed import DistEnv
+    from cn_clip.runtime import DistEnv
     from cn_clip.training.engine import Engine
     from cn_clip.training.loss import ClipLoss
     from cn_clip.training.optim import create_optimizer, param_groups

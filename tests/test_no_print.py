@@ -13,9 +13,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "cn_clip"
 ALLOWED = {
     "cli/runner.py": "run_cli prints the one-line user error and the exit message of every entry point",
-    # TEMPORARY: load_eval_model/print_params print the reference's eval banner; helper "plumb" moves it into the
-    # extraction CLIs (issue 12, item 7). Remove this entry when that lands.
-    "eval/features.py": "temporary, see comment",
 }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cn_clip.runtime import PRECISIONS
+
 # The reference's `--vision-model` choices (training and extraction); any registered tower is also accepted.
 REFERENCE_VISION_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "RN50")
 REFERENCE_TEXT_MODELS = ("RoBERTa-wwm-ext-base-chinese", "RoBERTa-wwm-ext-large-chinese", "RBT3-chinese")
@@ -38,7 +40,7 @@ def add_context_length_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-length", type=int, default=52, help="max tokens incl. [CLS]/[SEP] (≤ 512)")
 
 
-def add_precision_arg(parser: argparse.ArgumentParser, choices: tuple[str, ...] = ("amp", "fp16", "fp32", "bf16")):
+def add_precision_arg(parser: argparse.ArgumentParser, choices: tuple[str, ...] = PRECISIONS):
     parser.add_argument("--precision", choices=choices, default="amp", help="floating point precision")
 
 

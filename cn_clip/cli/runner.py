@@ -6,6 +6,7 @@ import errno
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from cn_clip.errors import CnClipError
 
@@ -43,3 +44,11 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         print("interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
+
+
+def print_params(args: Any) -> None:
+    """The reference's ``Params:`` block (sorted ``name: value`` lines)."""
+    print("Params:")
+    for name in sorted(vars(args)):
+        print(f"  {name}: {getattr(args, name)}")
+    sys.stdout.flush()

@@ -17,8 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cn_clip.cli.args import add_context_length_arg, add_device_arg, add_model_arch_arg
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.deploy.benchmark import TimingStats, markdown_table, time_calls
@@ -117,15 +115,6 @@ def _onnx_label(engine: str, path: str, count: int) -> str:
     return engine if count == 1 else f"{engine} {Path(path).name}"
 
 
-def _fit_tokens(tokens: np.ndarray, session: Any) -> np.ndarray:
-    """Dynamic-sequence graphs get the padding columns dropped (as our extractor does); fixed ones get ``ctx``."""
-    length = session.get_inputs()[0].shape[1]
-    if isinstance(length, int):
-        return tokens[:, :length]
-    used = np.flatnonzero((tokens != 0).any(axis=0))
-    return tokens[:, : int(used[-1]) + 1]
-
-
 def bench_images(runner: Runner, image: Any, batch: int) -> None:
     import torch
 
@@ -159,7 +148,7 @@ def _bench_encoders(
     """Time every back end on the same ``inputs`` (pixels or token ids): PyTorch models, ONNX files, TensorRT."""
     import torch
 
-    from cn_clip.deploy.onnx_export import create_session
+    from cn_clip.eval.features import OnnxEncoder
 
     args = runner.args
     if args.pytorch_ckpt:
@@ -171,13 +160,11 @@ def _bench_encoders(
                     f"{label} {kind} inference speed (batch-size: {batch}):", lambda e=encode: e(on_device), batch
                 )
     for path in onnx_paths:
-        session = create_session(path, args.device, args.threads)
-        array = _fit_tokens(inputs.numpy(), session) if kind == "text" else inputs.numpy()
+        encoder = OnnxEncoder(path, args.device, args.threads)
+        array = encoder.prepare(inputs)  # padding columns dropped (dynamic graphs) or fitted to a fixed context
         label = _onnx_label("ONNX", path, len(onnx_paths))
         runner.measure(
-            f"{label} {kind} inference speed (batch-size: {batch}):",
-            lambda s=session, a=array: s.run(None, {kind: a}),
-            batch,
+            f"{label} {kind} inference speed (batch-size: {batch}):", lambda e=encoder, a=array: e.run(a), batch
         )
     if tensorrt_path:
         _tensorrt(runner, tensorrt_path, kind, inputs, batch)
@@ -208,7 +195,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def benchmark(argv: Sequence[str] | None = None) -> int:
-    from cn_clip.eval.features import resolve_device
+    from cn_clip.runtime import resolve_device
 
     args = build_parser().parse_args(argv)
     args.device = args.device or resolve_device().partition(":")[0]  # "cuda" when available, as in the reference

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from cn_clip.cli.args import (
     add_context_length_arg,
@@ -22,9 +20,11 @@ from cn_clip.cli.args import (
     add_precision_arg,
     add_resume_arg,
 )
-from cn_clip.cli.runner import run_cli, setup_logging
+from cn_clip.cli.runner import print_params, run_cli, setup_logging
 from cn_clip.errors import ConfigError
 from cn_clip.eval import features as F
+from cn_clip.eval.features import default_output_paths
+from cn_clip.runtime import shutdown
 
 _logger = logging.getLogger(__name__)
 
@@ -69,69 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_output_paths(text_data: str, output_format: str = "jsonl") -> tuple[str, str]:
-    """(image, text) output paths derived, as the reference does, from the TEXT data path."""
-    base = text_data.removesuffix(".jsonl")
-    image = text_data.replace("_texts.jsonl", "_imgs")
-    suffix = ".npy" if output_format == "npy" else ".jsonl"
-    return f"{image}.img_feat{suffix}", f"{base}.txt_feat{suffix}"
-
-
-@dataclass
-class ExtractOptions:
-    img_batch_size: int = 64
-    text_batch_size: int = 64
-    context_length: int = 52
-    num_workers: int = 0
-    npy_dtype: str = "float32"
-    image_id_type: str = "auto"
-    progress: bool = True
-
-
-def extract_images(
-    model: Any, image_data: str, output: str | None, opts: ExtractOptions, device: str, precision: str, shard: F.Shard
-) -> F.Extracted | None:
-    """Image features of an imgs LMDB in key order; written to ``output`` (if given) by rank 0 and returned there."""
-    from cn_clip.data.lmdb_dataset import LMDBImageDataset
-
-    dataset = LMDBImageDataset(image_data, resolution=model.cfg.vision.image_resolution, id_type=opts.image_id_type)
-    batches = F.shard(F.sequential_batches(len(dataset), opts.img_batch_size), shard.rank, shard.world_size)
-    loader = F.make_loader(dataset, batches, opts.num_workers, pin_memory=device.startswith("cuda"))
-    encoder = F.TorchEncoder(model.encode_image, device, precision)
-    part = F.extract_features(encoder, loader, desc="images", progress=opts.progress and shard.is_primary)
-    return _finish(part, output, "image_id", opts, shard)
-
-
-def extract_texts(
-    model: Any, text_data: str, output: str | None, opts: ExtractOptions, device: str, precision: str, shard: F.Shard
-) -> F.Extracted | None:
-    """Text features of a texts JSONL, batched by length, returned and written in file order."""
-    from cn_clip.data.lmdb_dataset import JsonlTextDataset
-
-    dataset = JsonlTextDataset(text_data, context_length=opts.context_length)
-    lengths = [len(text) for _, text in dataset.records]  # characters ≈ word pieces for Chinese text
-    batches = F.shard(F.length_grouped_batches(lengths, opts.text_batch_size), shard.rank, shard.world_size)
-    loader = F.make_loader(dataset, batches, opts.num_workers, pin_memory=device.startswith("cuda"))
-    encoder = F.TorchEncoder(model.encode_text, device, precision)
-    part = F.extract_features(encoder, loader, desc="texts", progress=opts.progress and shard.is_primary)
-    return _finish(part, output, "text_id", opts, shard)
-
-
-def _finish(
-    part: F.Extracted, output: str | None, id_key: str, opts: ExtractOptions, shard: F.Shard
-) -> F.Extracted | None:
-    merged = F.gather_to_primary(part, output or f"./{id_key}_features", shard)
-    if merged is not None and output:
-        F.write_features(output, merged, id_key, opts.npy_dtype)
-    return merged
-
-
-def _check_args(args: argparse.Namespace) -> None:
+def check_feature_io_args(args: argparse.Namespace) -> None:
+    """The checks of :func:`add_feature_io_args` flags (and ``--context-length``) both extractors share."""
     if not (args.extract_image_feats or args.extract_text_feats):
         raise ConfigError("--extract-image-feats and --extract-text-feats cannot both be False!")
     for name in ("img_batch_size", "text_batch_size", "context_length"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    check_feature_io_args(args)
     image_default, text_default = default_output_paths(args.text_data, args.output_format)
     args.image_feat_output_path = args.image_feat_output_path or image_default
     args.text_feat_output_path = args.text_feat_output_path or text_default
@@ -143,19 +91,19 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    shard = F.shard_from_env()
-    if shard.is_primary:
-        F.print_params(args)
-    device = F.resolve_device(args.device)
-    if shard.is_primary:  # the reference's console order: datasets announced before the checkpoint is read
+    env = F.join_processes(args.device)
+    primary = env.is_primary
+    if primary:
+        print_params(args)
+        # the reference's console order: datasets announced before the checkpoint is read
         if args.extract_image_feats:
             print("Preparing image inference dataset.")
         if args.extract_text_feats:
             print("Preparing text inference dataset.")
-    model, _ = F.load_eval_model(
-        f"{args.vision_model}@{args.text_model}", args.resume, device, args.precision, announce=shard.is_primary
-    )
-    opts = ExtractOptions(
+    device = str(env.device)
+    architecture = f"{args.vision_model}@{args.text_model}"
+    model, _ = F.load_eval_model(architecture, args.resume, device, args.precision, print if primary else None)
+    opts = F.ExtractOptions(
         img_batch_size=args.img_batch_size,
         text_batch_size=args.text_batch_size,
         context_length=args.context_length,
@@ -164,20 +112,15 @@ def run(args: argparse.Namespace) -> int:
         image_id_type=args.image_id_type,
         progress=not args.no_progress,
     )
+    jobs = []
     if args.extract_text_feats:
-        if shard.is_primary:
-            print("Make inference for texts...")
-        done = extract_texts(model, args.text_data, args.text_feat_output_path, opts, device, args.precision, shard)
-        if done is not None:
-            print(f"{len(done.ids)} text features are stored in {args.text_feat_output_path}")
+        encoder = F.TorchEncoder(model.encode_text, device, args.precision)
+        jobs.append(F.FeatureJob("text", encoder, args.text_data, args.text_feat_output_path))
     if args.extract_image_feats:
-        if shard.is_primary:
-            print("Make inference for images...")
-        done = extract_images(model, args.image_data, args.image_feat_output_path, opts, device, args.precision, shard)
-        if done is not None:
-            print(f"{len(done.ids)} image features are stored in {args.image_feat_output_path}")
-    if shard.is_primary:
-        print("Done!")
+        encoder = F.TorchEncoder(model.encode_image, device, args.precision)
+        resolution = model.cfg.vision.image_resolution
+        jobs.append(F.FeatureJob("image", encoder, args.image_data, args.image_feat_output_path, resolution))
+    F.extract_files(jobs, opts, env, print if primary else None)
     return 0
 
 
@@ -189,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging()
     code = run_cli(entry, argv)
-    F.finish_distributed()
+    shutdown()
     return code
 
 

@@ -20,9 +20,9 @@ from cn_clip.cli.args import (
     add_image_reader_args,
     add_model_args,
 )
-from cn_clip.cli.runner import run_cli, setup_logging
+from cn_clip.cli.runner import print_params, run_cli, setup_logging
 from cn_clip.errors import ConfigError
-from cn_clip.eval.extract_features import add_feature_io_args
+from cn_clip.eval.extract_features import add_feature_io_args, check_feature_io_args
 
 _logger = logging.getLogger(__name__)
 
@@ -42,11 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if not (args.extract_image_feats or args.extract_text_feats):
-        raise ConfigError("--extract-image-feats and --extract-text-feats cannot both be False!")
-    for name in ("img_batch_size", "text_batch_size", "context_length"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_feature_io_args(args)
     for wanted, flag, path in (
         (args.extract_image_feats, "--onnx-image-model", args.onnx_image_model),
         (args.extract_text_feats, "--onnx-text-model", args.onnx_text_model),
@@ -57,61 +53,33 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} {path} does not exist")
 
 
-def _output_paths(args: argparse.Namespace) -> tuple[str, str]:
-    from cn_clip.eval.extract_features import default_output_paths
-
-    image_default, text_default = default_output_paths(args.text_data)
-    return args.image_feat_output_path or image_default, args.text_feat_output_path or text_default
-
-
-def _encoder(path: str, device: str):  # noqa: ANN202 - features.OnnxEncoder
-    from cn_clip.deploy.onnx_export import providers_for
-    from cn_clip.eval.features import OnnxEncoder
-
-    return OnnxEncoder(path, providers=providers_for(device))
-
-
-def extract_texts(args: argparse.Namespace, output: str) -> int:
-    from cn_clip.data.lmdb_dataset import JsonlTextDataset
-    from cn_clip.eval import features as F
-
-    dataset = JsonlTextDataset(args.text_data, context_length=args.context_length)
-    lengths = [len(text) for _, text in dataset.records]
-    loader = F.make_loader(dataset, F.length_grouped_batches(lengths, args.text_batch_size), args.num_workers)
-    part = F.extract_features(_encoder(args.onnx_text_model, args.device), loader, progress=not args.no_progress)
-    F.write_features(output, part, "text_id")
-    return len(part.ids)
-
-
-def extract_images(args: argparse.Namespace, output: str) -> int:
-    from cn_clip.data.lmdb_dataset import LMDBImageDataset
+def run(args: argparse.Namespace) -> int:
     from cn_clip.eval import features as F
     from cn_clip.models.registry import get_model_config
-
-    resolution = get_model_config(f"{args.vision_model}@{args.text_model}").vision.image_resolution
-    dataset = LMDBImageDataset(args.image_data, resolution=resolution, id_type=args.image_id_type)
-    loader = F.make_loader(dataset, F.sequential_batches(len(dataset), args.img_batch_size), args.num_workers)
-    part = F.extract_features(_encoder(args.onnx_image_model, args.device), loader, progress=not args.no_progress)
-    F.write_features(output, part, "image_id")
-    return len(part.ids)
-
-
-def run(args: argparse.Namespace) -> int:
-    from cn_clip.eval.features import print_params, resolve_device
+    from cn_clip.runtime import resolve_device
 
     _check_args(args)
     args.device = args.device or resolve_device().partition(":")[0]  # the provider: "cuda" when available
     print_params(args)
-    image_output, text_output = _output_paths(args)
+    image_default, text_default = F.default_output_paths(args.text_data)
+    opts = F.ExtractOptions(
+        img_batch_size=args.img_batch_size,
+        text_batch_size=args.text_batch_size,
+        context_length=args.context_length,
+        num_workers=args.num_workers,
+        image_id_type=args.image_id_type,
+        progress=not args.no_progress,
+    )
+    jobs = []
     if args.extract_text_feats:
-        print("Make inference for texts...")
-        count = extract_texts(args, text_output)
-        print(f"{count} text features are stored in {text_output}")
+        encoder = F.OnnxEncoder(args.onnx_text_model, args.device)
+        jobs.append(F.FeatureJob("text", encoder, args.text_data, args.text_feat_output_path or text_default))
     if args.extract_image_feats:
-        print("Make inference for images...")
-        count = extract_images(args, image_output)
-        print(f"{count} image features are stored in {image_output}")
-    print("Done!")
+        encoder = F.OnnxEncoder(args.onnx_image_model, args.device)
+        resolution = get_model_config(f"{args.vision_model}@{args.text_model}").vision.image_resolution
+        output = args.image_feat_output_path or image_default
+        jobs.append(F.FeatureJob("image", encoder, args.image_data, output, resolution))
+    F.extract_files(jobs, opts, announce=print)
     return 0
 
 

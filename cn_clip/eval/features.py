@@ -1,4 +1,6 @@
-"""Feature extraction shared by extraction, zero-shot, one-command evaluation and search.
+"""Feature extraction, the one chain behind extraction (PyTorch and ONNX), zero-shot, one-command evaluation and
+search: dataset → batches → this rank's share → loader → encoder (:func:`extract_dataset`), with
+:func:`extract_images` / :func:`extract_texts` for the reference's LMDB and JSONL inputs and output files.
 
 ``extract_features(encoder, loader)`` runs any *encoder* — a callable from an input batch to unnormalised features:
 a torch model method (:class:`TorchEncoder`) or an ONNX Runtime session (:class:`OnnxEncoder`) — over a loader of
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from cn_clip.errors import CheckpointError, ConfigError
+from cn_clip.runtime import DistEnv, barrier, check_precision, shard, weight_dtype
 
 _logger = logging.getLogger(__name__)
 
-PRECISIONS = ("amp", "fp16", "fp32", "bf16")
 Batch = tuple[list[int], list[Any], Any]  # (dataset positions, ids, stacked inputs)
 
 
@@ -60,11 +61,6 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[list
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def shard(batches: Sequence[list[int]], rank: int, world_size: int) -> list[list[int]]:
-    """Round-robin share of the batches for one process (equal work when batches are length-sorted)."""
-    return list(batches[rank::world_size])
-
-
 def make_loader(dataset: Any, batches: Sequence[list[int]], num_workers: int, pin_memory: bool = False) -> Any:
     """A DataLoader over ``Indexed(dataset)`` with a fixed batch list; workers read items by index and open their
     own LMDB handles (the datasets open them lazily per process)."""
@@ -79,52 +75,42 @@ def make_loader(dataset: Any, batches: Sequence[list[int]], num_workers: int, pi
     )
 
 
-def default_num_workers() -> int:
-    """Up to 4 reader processes, leaving one core to the model."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
 # ------------------------------------------------------------------------------------------------- encoders
 Encoder = Callable[[Any], Any]  # input batch (torch tensor) → unnormalised features [B, D] (torch or numpy)
 
 
 class TorchEncoder:
-    """``model.encode_image`` or ``model.encode_text`` on a device, with the precision policy of ``precision``.
-
-    ``amp``: fp32 weights; on CUDA the forward runs under ``torch.autocast(float16)``, on CPU/MPS plain fp32 (the
-    reference's ``amp`` was plain fp32 everywhere). ``fp16``/``bf16``: the model was converted with the reference's
-    mixed-precision rule. ``fp32``: no autocast (bit-for-bit the reference's numbers).
-    """
+    """``model.encode_image`` or ``model.encode_text`` on a device, run with the inference precision policy of
+    :func:`cn_clip.runtime.inference_autocast` (``fp16``/``bf16`` models were converted when loaded)."""
 
     def __init__(self, fn: Callable[[Any], Any], device: str, precision: str = "fp32") -> None:
         self.fn = fn
         self.device = device
         self.precision = precision
+        self.pin_memory = device.startswith("cuda")
 
     def __call__(self, batch: Any) -> Any:
         import torch
 
+        from cn_clip.runtime import inference_autocast
+
         batch = batch.to(self.device, non_blocking=True)
-        with torch.inference_mode():
-            if self.precision == "amp" and self.device.startswith("cuda"):
-                with torch.autocast("cuda", dtype=torch.float16):
-                    return self.fn(batch)
+        with torch.inference_mode(), inference_autocast(self.precision, self.device):
             return self.fn(batch)
 
 
 class OnnxEncoder:
     """An ONNX Runtime session as an encoder (e.g. ``*.img.fp32.onnx`` with input ``image``, output
-    ``unnorm_image_features``). Fixed batch or sequence dimensions of the exported graph (the reference exports
-    batch 1 and a fixed context) are honoured by running item by item and padding/cutting token columns."""
+    ``unnorm_image_features``), built by :func:`cn_clip.deploy.onnx_export.create_session`. Fixed batch or
+    sequence dimensions of the exported graph (the reference exports batch 1 and a fixed context) are honoured by
+    running item by item and padding/cutting token columns."""
 
-    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None) -> None:
-        from cn_clip.extras import require
+    pin_memory = False
 
-        ort = require("onnxruntime", "ONNX features")
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None) -> None:
+        from cn_clip.deploy.onnx_export import create_session
 
-        if not Path(path).is_file():
-            raise ConfigError(f"ONNX model not found: {path}")
-        self.session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+        self.session = create_session(path, device, threads)
         node = self.session.get_inputs()[0]
         self.input_name = node.name
         shape = node.shape
@@ -133,22 +119,29 @@ class OnnxEncoder:
         self.is_text = len(shape) == 2
 
     def __call__(self, batch: Any) -> np.ndarray:
-        array = batch.cpu().numpy() if hasattr(batch, "cpu") else np.asarray(batch)
-        if self.is_text:
-            array = self._fit_tokens(array)
+        array = self.prepare(batch)
         if self.fixed_batch == 1 and len(array) != 1:
-            return np.concatenate([self._run(array[i : i + 1]) for i in range(len(array))])
-        return self._run(array)
+            return np.concatenate([self.run(array[i : i + 1]) for i in range(len(array))])
+        return self.run(array)
 
-    def _fit_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        if self.fixed_length is None:  # dynamic sequence axis: drop the all-padding columns
-            used = np.flatnonzero((tokens != 0).any(axis=0))
-            return tokens[:, : (int(used[-1]) + 1 if used.size else 1)]
+    def prepare(self, batch: Any) -> np.ndarray:
+        """The graph's input array: token ids trimmed of padding columns (dynamic sequence axis) or fitted to the
+        graph's fixed context length."""
+        import torch
+
+        from cn_clip.models.text import trim_padding
+
+        tensor = torch.as_tensor(batch).cpu()
+        if not self.is_text:
+            return tensor.numpy()
+        if self.fixed_length is None:
+            return trim_padding(tensor).numpy()
+        tokens = tensor.numpy()
         if tokens.shape[1] >= self.fixed_length:
             return tokens[:, : self.fixed_length]
         return np.pad(tokens, ((0, 0), (0, self.fixed_length - tokens.shape[1])))
 
-    def _run(self, array: np.ndarray) -> np.ndarray:
+    def run(self, array: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: array})[0]
 
 
@@ -201,40 +194,152 @@ def merge_extracted(parts: Sequence[Extracted]) -> Extracted:
     return Extracted(positions[order], [ids[i] for i in order], np.concatenate([p.matrix for p in parts])[order])
 
 
+def extract_dataset(
+    encoder: Encoder,
+    dataset: Any,
+    batches: Sequence[list[int]],
+    *,
+    num_workers: int = 0,
+    env: DistEnv | None = None,
+    desc: str = "",
+    progress: bool = True,
+) -> Extracted:
+    """Dataset → this rank's share of ``batches`` → loader → ``encoder``: the one extraction chain (features of
+    this process only; :func:`gather_to_primary` merges the ranks)."""
+    env = env or DistEnv()
+    loader = make_loader(dataset, shard(batches, env), num_workers, pin_memory=getattr(encoder, "pin_memory", False))
+    return extract_features(encoder, loader, desc=desc, progress=progress and env.is_primary)
+
+
+@dataclass
+class ExtractOptions:
+    img_batch_size: int = 64
+    text_batch_size: int = 64
+    context_length: int = 52
+    num_workers: int = 0
+    npy_dtype: str = "float32"
+    image_id_type: str = "auto"
+    progress: bool = True
+
+
+def extract_images(
+    encoder: Encoder,
+    image_data: str | os.PathLike,
+    resolution: int,
+    output: str | os.PathLike | None,
+    opts: ExtractOptions,
+    env: DistEnv | None = None,
+) -> Extracted | None:
+    """Image features of an imgs LMDB in key order; written to ``output`` (if given) by rank 0 and returned there
+    (None on the other ranks)."""
+    from cn_clip.data.lmdb_dataset import LMDBImageDataset
+
+    env = env or DistEnv()
+    dataset = LMDBImageDataset(image_data, resolution=resolution, id_type=opts.image_id_type)
+    batches = sequential_batches(len(dataset), opts.img_batch_size)
+    part = extract_dataset(
+        encoder, dataset, batches, num_workers=opts.num_workers, env=env, desc="images", progress=opts.progress
+    )
+    return _finish(part, output, "image_id", opts, env)
+
+
+def extract_texts(
+    encoder: Encoder,
+    text_data: str | os.PathLike,
+    output: str | os.PathLike | None,
+    opts: ExtractOptions,
+    env: DistEnv | None = None,
+) -> Extracted | None:
+    """Text features of a texts JSONL, batched by length, returned and written in file order."""
+    from cn_clip.data.lmdb_dataset import JsonlTextDataset
+
+    env = env or DistEnv()
+    dataset = JsonlTextDataset(text_data, context_length=opts.context_length)
+    lengths = [len(text) for _, text in dataset.records]  # characters ≈ word pieces for Chinese text
+    batches = length_grouped_batches(lengths, opts.text_batch_size)
+    part = extract_dataset(
+        encoder, dataset, batches, num_workers=opts.num_workers, env=env, desc="texts", progress=opts.progress
+    )
+    return _finish(part, output, "text_id", opts, env)
+
+
+def _finish(
+    part: Extracted, output: str | os.PathLike | None, id_key: str, opts: ExtractOptions, env: DistEnv
+) -> Extracted | None:
+    merged = gather_to_primary(part, output or f"./{id_key}_features", env)
+    if merged is not None and output:
+        write_features(output, merged, id_key, opts.npy_dtype)
+    return merged
+
+
+@dataclass
+class FeatureJob:
+    """One feature file to make: ``kind`` ``"text"`` (a texts JSONL) or ``"image"`` (an imgs LMDB at
+    ``resolution``), read from ``data``, encoded by ``encoder`` (torch or ONNX), written to ``output``."""
+
+    kind: str
+    encoder: Encoder
+    data: str
+    output: str
+    resolution: int = 0
+
+
+def extract_files(
+    jobs: Sequence[FeatureJob],
+    opts: ExtractOptions,
+    env: DistEnv | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> dict[str, Extracted | None]:
+    """Run ``jobs`` in order and write their files; the reference's progress lines (``Make inference for texts...``,
+    ``N text features are stored in …``, ``Done!``) go to ``announce`` (a CLI passes ``print`` on rank 0)."""
+    say = announce or (_logger.info if (env or DistEnv()).is_primary else _logger.debug)
+    done: dict[str, Extracted | None] = {}
+    unknown = [job.kind for job in jobs if job.kind not in ("text", "image")]
+    if unknown:
+        raise ConfigError(f"unknown feature job kind {unknown[0]!r}; use 'text' or 'image'")
+    for job in jobs:
+        say(f"Make inference for {job.kind}s...")
+        if job.kind == "text":
+            done[job.kind] = extract_texts(job.encoder, job.data, job.output, opts, env)
+        else:
+            done[job.kind] = extract_images(job.encoder, job.data, job.resolution, job.output, opts, env)
+        if done[job.kind] is not None:
+            say(f"{len(done[job.kind].ids)} {job.kind} features are stored in {job.output}")
+    say("Done!")
+    return done
+
+
+def default_output_paths(text_data: str, output_format: str = "jsonl") -> tuple[str, str]:
+    """(image, text) output paths derived, as the reference does, from the TEXT data path."""
+    base = text_data.removesuffix(".jsonl")
+    image = text_data.replace("_texts.jsonl", "_imgs")
+    suffix = ".npy" if output_format == "npy" else ".jsonl"
+    return f"{image}.img_feat{suffix}", f"{base}.txt_feat{suffix}"
+
+
 # -------------------------------------------------------------------------------------------------- model
-def resolve_device(device: str | None = None) -> str:
-    """``device`` as given, else ``cuda:{LOCAL_RANK}`` when CUDA is available, else ``cpu``."""
-    if device:
-        return device
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
-
-
 def load_eval_model(
     architecture: str | None,
     resume: str | os.PathLike | None,
     device: str = "cpu",
     precision: str = "fp32",
-    announce: bool = True,
+    announce: Callable[[str], None] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Build ``vision@text`` (None: inferred from the checkpoint's shapes), strictly load ``resume`` (reference
     checkpoint layout, read once) and set the precision. Returns ``(model, metadata)``; metadata holds
-    ``epoch``/``step`` and ``architecture``. Prints the reference's ``=> loaded checkpoint`` line when ``announce``.
+    ``epoch``/``step`` and ``architecture``. The reference's ``Begin to load …`` / ``=> loaded checkpoint …`` lines go
+    to ``announce`` (a CLI passes ``print``), else to the log.
     """
     from cn_clip.models.factory import convert_weights, create_model, infer_architecture, load_checkpoint_into
     from cn_clip.weights import read_checkpoint, state_dict_of
 
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    dtype = weight_dtype(check_precision(precision, device))
     if resume is None:
         raise ConfigError("--resume is required: the checkpoint whose features to compute")
     if not Path(resume).is_file():
         raise CheckpointError(f"The checkpoint file {resume} not exists!")
-    if announce:
-        print(f"Begin to load model checkpoint from {resume}.")
+    say = announce or _logger.debug
+    say(f"Begin to load model checkpoint from {resume}.")
     raw = read_checkpoint(resume)
     if architecture is None:
         architecture = infer_architecture(state_dict_of(raw, str(resume)))
@@ -244,77 +349,29 @@ def load_eval_model(
     del raw
     meta["architecture"] = architecture
     model.to(device)
-    if precision in ("fp16", "bf16"):
-        import torch
-
-        if device == "cpu" and precision == "fp16":
-            _logger.warning("--precision fp16 on the CPU is slow; fp32 or bf16 are faster there")
-        convert_weights(model, torch.float16 if precision == "fp16" else torch.bfloat16)
+    if dtype is not None:
+        convert_weights(model, dtype)
     model.eval()
-    if announce:
-        print(f"=> loaded checkpoint '{resume}' (epoch {meta.get('epoch', '?')} @ {meta.get('step', '?')} steps)")
+    say(f"=> loaded checkpoint '{resume}' (epoch {meta.get('epoch', '?')} @ {meta.get('step', '?')} steps)")
     return model, meta
 
 
-def print_params(args: Any) -> None:
-    """The reference's ``Params:`` block (sorted ``name: value`` lines)."""
-    print("Params:")
-    for name in sorted(vars(args)):
-        print(f"  {name}: {getattr(args, name)}")
-    sys.stdout.flush()
-
-
 # ------------------------------------------------------------------------------------------- multi-process
-@dataclass(frozen=True)
-class Shard:
-    """Which slice of the work this process does (``RANK``/``WORLD_SIZE`` as set by torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_primary(self) -> bool:
-        return self.rank == 0
+EVAL_TIMEOUT_S = 2 * 3600
 
 
-def shard_from_env() -> Shard:
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if world_size > 1:
-        _init_process_group()
-    return Shard(rank, world_size)
+def join_processes(device: str | None = None) -> DistEnv:
+    """This process's rank and device under torchrun (or alone). Eval joins a gloo group: its processes only meet
+    at barriers, as features travel through files. Leave it with :func:`cn_clip.runtime.shutdown`."""
+    from cn_clip.runtime import init_distributed
+
+    return init_distributed(device=device, timeout_s=EVAL_TIMEOUT_S, backend="gloo")
 
 
-def _init_process_group() -> None:
-    import datetime
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        # gloo: the processes only meet at barriers (features travel through files), on CPU or GPU hosts alike.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
-
-
-def finish_distributed() -> None:
-    """Tear down the process group this module started (torchrun runs), so processes exit cleanly."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def barrier(shard: Shard) -> None:
-    if shard.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def part_path(output: str | os.PathLike, shard: Shard, rank: int | None = None) -> Path:
+def part_path(output: str | os.PathLike, env: DistEnv, rank: int | None = None) -> Path:
     output = Path(output)
-    rank = shard.rank if rank is None else rank
-    return output.with_name(f".{output.name}.part{rank}-of-{shard.world_size}.npz")
+    rank = env.rank if rank is None else rank
+    return output.with_name(f".{output.name}.part{rank}-of-{env.world_size}.npz")
 
 
 def save_part(part: Extracted, path: Path) -> None:
@@ -333,20 +390,20 @@ def load_part(path: Path) -> Extracted:
         return Extracted(data["positions"], json.loads(str(data["ids"])), data["matrix"])
 
 
-def gather_to_primary(part: Extracted, output: str | os.PathLike, shard: Shard) -> Extracted | None:
+def gather_to_primary(part: Extracted, output: str | os.PathLike, env: DistEnv) -> Extracted | None:
     """Single process: ``part`` itself. Under torchrun every rank saves its part beside ``output``; rank 0 merges
     them in dataset order and returns the whole, the others return None."""
-    if shard.world_size == 1:
+    if env.world_size == 1:
         return part
-    save_part(part, part_path(output, shard))
-    barrier(shard)
+    save_part(part, part_path(output, env))
+    barrier(env)
     merged = None
-    if shard.is_primary:
-        paths = [part_path(output, shard, rank) for rank in range(shard.world_size)]
+    if env.is_primary:
+        paths = [part_path(output, env, rank) for rank in range(env.world_size)]
         merged = merge_extracted([load_part(p) for p in paths])
         for path in paths:
             path.unlink()
-    barrier(shard)
+    barrier(env)
     return merged
 
 

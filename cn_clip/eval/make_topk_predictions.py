@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None, direction: str = "text_to_image") ->
     spec = get_direction(direction)
 
     def run(args_list: Sequence[str] | None) -> int:
-        from cn_clip.eval.features import resolve_device
+        from cn_clip.runtime import resolve_device
 
         parser = build_parser(spec)
         args = parser.parse_args(args_list)

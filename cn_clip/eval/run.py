@@ -33,6 +33,7 @@ from cn_clip.errors import ConfigError, DataError
 from cn_clip.eval import features as F
 from cn_clip.eval.directions import IMAGE_TO_TEXT, TEXT_TO_IMAGE, Direction
 from cn_clip.fileio import atomic_write
+from cn_clip.runtime import resolve_device, shutdown
 
 _logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def rank_and_score(
     from cn_clip.eval.metrics import read_ground_truth, recall_at_k
     from cn_clip.eval.topk import topk_search
 
-    device = F.resolve_device(args.device)
+    device = resolve_device(args.device)
     top = topk_search(queries.matrix, gallery.matrix, args.top_k, backend=args.backend, device=device)
     predictions = layout.predictions(direction)
     write_predictions(predictions, direction, queries.ids, gallery.ids, top.indices.tolist())
@@ -160,14 +161,13 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def evaluate_split(args: argparse.Namespace) -> dict[str, Any] | None:
     """The whole pipeline; returns the summary on rank 0 (None on other torchrun ranks)."""
-    from cn_clip.eval.extract_features import ExtractOptions, extract_images, extract_texts
-
     layout = resolve_layout(args)
-    shard = F.shard_from_env()
-    device = F.resolve_device(args.device)
+    env = F.join_processes(args.device)
+    device = str(env.device)
     architecture = f"{args.vision_model}@{args.text_model}"
-    model, meta = F.load_eval_model(architecture, args.resume, device, args.precision, announce=shard.is_primary)
-    opts = ExtractOptions(
+    announce = print if env.is_primary else None
+    model, meta = F.load_eval_model(architecture, args.resume, device, args.precision, announce)
+    opts = F.ExtractOptions(
         img_batch_size=args.img_batch_size,
         text_batch_size=args.text_batch_size,
         context_length=args.context_length,
@@ -175,8 +175,11 @@ def evaluate_split(args: argparse.Namespace) -> dict[str, Any] | None:
         image_id_type=args.image_id_type,
         progress=not args.no_progress,
     )
-    texts = extract_texts(model, str(layout.texts), str(layout.text_features), opts, device, args.precision, shard)
-    images = extract_images(model, str(layout.images), str(layout.image_features), opts, device, args.precision, shard)
+    resolution = model.cfg.vision.image_resolution
+    text_encoder = F.TorchEncoder(model.encode_text, device, args.precision)
+    image_encoder = F.TorchEncoder(model.encode_image, device, args.precision)
+    texts = F.extract_texts(text_encoder, layout.texts, layout.text_features, opts, env)
+    images = F.extract_images(image_encoder, layout.images, resolution, layout.image_features, opts, env)
     if texts is None or images is None:
         return None
     del model
@@ -210,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     from cn_clip.eval.topk import resolve_backend
 
     try:
-        resolve_backend(args.backend, F.resolve_device(args.device))
+        resolve_backend(args.backend, resolve_device(args.device))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     summary = evaluate_split(args)
@@ -229,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     code = run_cli(lambda a: run(build_parser().parse_args(a)), argv)
-    F.finish_distributed()
+    shutdown()
     return code
 
 

@@ -23,11 +23,12 @@ from cn_clip.cli.args import (
     add_progress_arg,
     add_resume_arg,
 )
-from cn_clip.cli.runner import run_cli, setup_logging
+from cn_clip.cli.runner import print_params, run_cli, setup_logging
 from cn_clip.errors import ConfigError, DataError
 from cn_clip.eval import features as F
 from cn_clip.eval import zeroshot as Z
 from cn_clip.fileio import atomic_write
+from cn_clip.runtime import resolve_device
 
 _logger = logging.getLogger(__name__)
 
@@ -123,9 +124,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     classnames = Z.read_classnames(_label_file(args))
     template_name, templates = Z.load_templates(args.templates, args.dataset)
     _logger.info("%d classes, template set %s (%d templates)", len(classnames), template_name, len(templates))
-    device = F.resolve_device(args.device)
+    device = resolve_device(args.device)
     print("Preparing zeroshot dataset.")
-    model, _ = F.load_eval_model(f"{args.vision_model}@{args.text_model}", args.resume, device, args.precision)
+    architecture = f"{args.vision_model}@{args.text_model}"
+    model, _ = F.load_eval_model(architecture, args.resume, device, args.precision, print)
     folder = open_image_folder(args.datapath, model.cfg.vision.image_resolution, len(classnames))
     print("Building zero-shot classifier")
     text_encoder = F.TorchEncoder(model.encode_text, device, args.precision)
@@ -135,9 +137,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     )
     print("Using classifier")
     batches = F.sequential_batches(len(folder), args.img_batch_size)
-    loader = F.make_loader(TargetFirst(folder), batches, args.num_workers, pin_memory=device.startswith("cuda"))
+    workers = args.num_workers
     encoder = F.TorchEncoder(model.encode_image, device, args.precision)
-    images = F.extract_features(encoder, loader, desc="images", progress=progress)
+    images = F.extract_dataset(
+        encoder, TargetFirst(folder), batches, num_workers=workers, desc="images", progress=progress
+    )
     scale = float(model.logit_scale.detach().exp()) if args.logit_scale == "model" else Z.REFERENCE_LOGIT_SCALE
     probs, targets = Z.class_probabilities(images.matrix, classifier, scale), np.asarray(images.ids)
     metrics = Z.zeroshot_metrics(probs, targets)  # before --index, as the reference counts top-1
@@ -155,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("img_batch_size", "text_batch_size", "context_length"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    F.print_params(args)
+    print_params(args)
     metrics = evaluate(args)["metrics"]
     print("Result:")
     print(f"zeroshot-top1: {metrics['top1']}")

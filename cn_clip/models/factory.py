@@ -17,6 +17,7 @@ from cn_clip.models.config import CLIPCfg
 from cn_clip.models.layers import PackedSelfAttention
 from cn_clip.models.pretrained import PRETRAINED, available_models
 from cn_clip.models.registry import get_model_config, list_towers
+from cn_clip.runtime import resolve_device, weight_dtype
 from cn_clip.weights import clean_state_dict, load_state_dict_strict, read_checkpoint, resize_pos_embed, state_dict_of
 
 _logger = logging.getLogger(__name__)
@@ -49,12 +50,9 @@ def create_model(
     if checkpoint is not None:
         load_checkpoint_into(model, checkpoint)
     model.to(device or "cpu")
-    if precision == "fp16":
-        convert_weights(model)
-    elif precision == "bf16":
-        convert_weights(model, torch.bfloat16)
-    elif precision != "fp32":
-        raise ConfigError(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
+    dtype = weight_dtype(precision)  # amp/fp32: fp32 weights
+    if dtype is not None:
+        convert_weights(model, dtype)
     return model.eval()
 
 
@@ -111,10 +109,6 @@ def _match_tower(kind: str, wanted: dict[str, tuple], arch: Callable[[str], str]
     )
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def released_file(name: str, download_root: str | None = None, use_modelscope: bool = False) -> Path:
     """The verified local path of released model ``name`` in ``download_root`` (default ``~/.cache/clip``),
     downloaded first if needed; safe to call from several processes sharing the cache (see :mod:`cn_clip.hub`)."""
@@ -144,7 +138,7 @@ def load_from_name(
     """
     from cn_clip.transforms import image_transform
 
-    device = device or _default_device()
+    device = resolve_device(device, per_rank=False)
     if name in PRETRAINED:
         path = released_file(name, download_root, use_modelscope)
         architecture, resolution = PRETRAINED[name].architecture, PRETRAINED[name].resolution

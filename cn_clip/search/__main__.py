@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--out", required=True, help="index directory to write")
     add_model_args(index)
     index.set_defaults(vision_model=None, text_model=None)  # None: inferred from the checkpoint's shapes
-    add_precision_arg(index, choices=("fp32", "fp16", "bf16", "amp"))
+    add_precision_arg(index)
     index.set_defaults(precision="fp32")
     add_context_length_arg(index)
     index.add_argument("--img-batch-size", type=int, default=64, help="image batch size")

@@ -22,6 +22,7 @@ from typing import Any
 from cn_clip.errors import ConfigError, DataError
 from cn_clip.eval import features as F
 from cn_clip.fileio import atomic_dir
+from cn_clip.runtime import resolve_device
 
 _logger = logging.getLogger(__name__)
 
@@ -107,14 +108,14 @@ def build_index(
 
     if Path(out).exists() and not overwrite:
         raise ConfigError(f"{out} already exists (pass --overwrite to replace it)")
-    device = F.resolve_device(device)
-    model, ckpt_meta = F.load_eval_model(architecture, resume, device, precision, announce=False)
+    device = resolve_device(device)
+    model, ckpt_meta = F.load_eval_model(architecture, resume, device, precision)
     image_data = Path(image_data)
     resolution = model.cfg.vision.image_resolution
     dataset, paths, kind = _source_dataset(image_data, resolution, id_type)
-    loader = F.make_loader(dataset, F.sequential_batches(len(dataset), batch_size), num_workers)
     encoder = F.TorchEncoder(model.encode_image, device, precision)
-    extracted = F.extract_features(encoder, loader, desc="images", progress=progress)
+    batches = F.sequential_batches(len(dataset), batch_size)
+    extracted = F.extract_dataset(encoder, dataset, batches, num_workers=num_workers, desc="images", progress=progress)
     index = faiss.IndexFlatIP(extracted.matrix.shape[1])
     index.add(extracted.matrix)
     meta = {

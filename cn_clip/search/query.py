@@ -19,6 +19,7 @@ import numpy as np
 
 from cn_clip.errors import ConfigError, DataError
 from cn_clip.eval import features as F
+from cn_clip.runtime import resolve_device
 from cn_clip.search.index import IDS_FILE, INDEX_FILE, META_FILE, PATHS_FILE, load_image
 
 _logger = logging.getLogger(__name__)
@@ -109,9 +110,9 @@ def query(
 ) -> list[Hit]:
     """Hits for one query, best first. The model is the index's checkpoint unless ``resume`` overrides it."""
     index = SearchIndex(index_dir)
-    device = F.resolve_device(device)
+    device = resolve_device(device)
     checkpoint = resume or index.meta["checkpoint"]
-    model, _ = F.load_eval_model(index.meta["architecture"], checkpoint, device, "fp32", announce=False)
+    model, _ = F.load_eval_model(index.meta["architecture"], checkpoint, device, "fp32")
     vector = encode_query(model, index.meta, text, image, device)
     if vector.shape[1] != index.index.d:
         raise ConfigError(f"the model gives {vector.shape[1]}-d features but the index holds {index.index.d}-d")

@@ -22,17 +22,9 @@ from torch import nn
 
 from cn_clip.errors import ConfigError
 from cn_clip.models.clip_model import LOGIT_SCALE_MAX
-from cn_clip.training.distributed import DistEnv
+from cn_clip.runtime import DistEnv, autocast_dtype
 
 _logger = logging.getLogger(__name__)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision in ("amp", "fp16") and device.type != "cpu":
-        return torch.float16
-    return None
 
 
 class Engine:

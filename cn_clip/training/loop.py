@@ -10,17 +10,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cn_clip.fileio import atomic_write
+from cn_clip.runtime import DistEnv, all_gather_list, all_reduce_sum
 from cn_clip.training import checkpoint as ckpt_io
 from cn_clip.training.config import TrainCfg
-from cn_clip.training.distributed import DistEnv, all_gather_list, all_reduce_sum
 from cn_clip.training.engine import Engine
 from cn_clip.training.loss import ClipLoss, kd_loss
 from cn_clip.training.schedule import lr_at
+
+if TYPE_CHECKING:
+    from cn_clip.eval.featio import Features
 
 _logger = logging.getLogger(__name__)
 _MIX = 0x9E3779B97F4A7C15
@@ -287,7 +290,7 @@ class Trainer:
             return {}
         local = [torch.cat([f[k] for f in feats]) for k in range(4)]
         image, text, image_keys, text_keys = (torch.cat(all_gather_list(t, self.env)) for t in local)
-        recalls = retrieval_recall(image, text, image_keys, text_keys)
+        recalls = pair_recall(image, text, image_keys, text_keys)
         _logger.info(
             "Validation Retrieval (%d texts, %d images) | Text2Image R@1: %.2f | R@5: %.2f | R@10: %.2f | "
             "Image2Text R@1: %.2f | R@5: %.2f | R@10: %.2f | Mean Recall: %.2f",
@@ -332,41 +335,37 @@ class Trainer:
         ckpt_io.prune(self.checkpoint_dir, self.cfg.keep_last_k)
 
 
-def retrieval_recall(
-    image: torch.Tensor, text: torch.Tensor, image_keys: torch.Tensor, text_keys: torch.Tensor, chunk: int = 1024
+def pair_recall(
+    image: torch.Tensor, text: torch.Tensor, image_keys: torch.Tensor, text_keys: torch.Tensor
 ) -> dict[str, float]:
-    """Text→image and image→text R@1/5/10 (%) and their mean over unique images/texts of a pair list.
+    """Text→image and image→text R@1/5/10 (%) and their mean over the unique images/texts of a pair list, through
+    the evaluation's ranking (:func:`cn_clip.eval.topk.evaluate_retrieval`).
 
     A query counts as found at k if any of its ground-truth items (pairs sharing its id) is in the top k.
     """
-    img_uniq, img_first = _first_occurrence(image_keys)
-    txt_uniq, txt_first = _first_occurrence(text_keys)
-    img_index = {int(k): i for i, k in enumerate(img_uniq.tolist())}
-    txt_index = {int(k): i for i, k in enumerate(txt_uniq.tolist())}
-    truth = torch.zeros(len(txt_uniq), len(img_uniq), dtype=torch.bool)
-    for ik, tk in zip(image_keys.tolist(), text_keys.tolist(), strict=True):
-        truth[txt_index[tk], img_index[ik]] = True
-    image_u, text_u = image[img_first].float().cpu(), text[txt_first].float().cpu()
-    out: dict[str, float] = {"num_texts": len(txt_uniq), "num_images": len(img_uniq)}
-    for name, queries, gallery, gt in (("t2i", text_u, image_u, truth), ("i2t", image_u, text_u, truth.t())):
-        hits = dict.fromkeys((1, 5, 10), 0)
-        for start in range(0, len(queries), chunk):
-            sims = queries[start : start + chunk] @ gallery.t()
-            top = sims.topk(min(10, gallery.shape[0]), dim=1).indices
-            found = gt[start : start + chunk].gather(1, top)
-            for k in hits:
-                hits[k] += int(found[:, :k].any(dim=1).sum())
-        for k, value in hits.items():
-            out[f"{name}_r{k}"] = 100.0 * value / len(queries)
+    from cn_clip.eval.topk import evaluate_retrieval
+
+    truth: dict[int, list[int]] = {}
+    for image_key, text_key in zip(image_keys.tolist(), text_keys.tolist(), strict=True):
+        truth.setdefault(text_key, []).append(image_key)
+    images, texts = _unique_rows(image, image_keys, "image_id"), _unique_rows(text, text_keys, "text_id")
+    result = evaluate_retrieval(images, texts, truth)
+    out: dict[str, float] = {"num_texts": len(texts), "num_images": len(images)}
+    for short, name in (("t2i", "text_to_image"), ("i2t", "image_to_text")):
+        out.update({f"{short}_r{k}": result[name][f"r{k}"] for k in (1, 5, 10)})
     out["mean_recall"] = sum(out[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)) / 6
     return out
 
 
-def _first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    seen: dict[int, int] = {}
-    for i, key in enumerate(keys.tolist()):
-        seen.setdefault(key, i)
-    return torch.tensor(list(seen.keys()), dtype=torch.long), torch.tensor(list(seen.values()), dtype=torch.long)
+def _unique_rows(features: torch.Tensor, keys: torch.Tensor, id_key: str) -> Features:
+    """The first row of each key (pairs repeat an image for each of its texts), as evaluation features."""
+    from cn_clip.eval.featio import Features
+
+    first: dict[int, int] = {}
+    for row, key in enumerate(keys.tolist()):
+        first.setdefault(key, row)
+    rows = torch.tensor(list(first.values()), dtype=torch.long, device=features.device)
+    return Features(list(first), features[rows].float().cpu().numpy(), id_key)
 
 
 def resolve_max_steps(max_steps: int | None, max_epochs: int, accum_freq: int, num_batches: int) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
-    from cn_clip.training.distributed import DistEnv
+    from cn_clip.runtime import DistEnv
 
 _logger = logging.getLogger("cn_clip.training")
 RN_FLIP_NOTE = (
@@ -164,7 +164,7 @@ def _build_teacher(args: argparse.Namespace, env: DistEnv) -> Any:
                 "modelscope (`pip install modelscope`)"
             ) from None
         raise ConfigError(f"Error: Valid teacher model name has not been built: {name!r} (ModelScope teachers TBD)")
-    from cn_clip.training.distributed import local_primary_first
+    from cn_clip.runtime import local_primary_first
 
     with local_primary_first(env):  # one download per node into the shared cache
         teacher, _ = load_from_name(name, device=str(env.device))
@@ -219,8 +219,8 @@ def _tensorboard(args: argparse.Namespace, env: DistEnv, run_dir: Path | None) -
 def train(args: argparse.Namespace) -> dict:
     """Build everything from parsed ``args`` and train; returns a summary (last loss, validation metrics)."""
     from cn_clip.data.loader import get_data
+    from cn_clip.runtime import cleanup, init_distributed, local_primary_first
     from cn_clip.training.checkpoint import Position
-    from cn_clip.training.distributed import cleanup, init_distributed, local_primary_first
     from cn_clip.training.loop import Trainer, resolve_max_steps
     from cn_clip.training.params import data_config, train_config
 

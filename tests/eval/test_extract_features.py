@@ -14,6 +14,7 @@ import torch
 from cn_clip.eval import features as F
 from cn_clip.eval.extract_features import default_output_paths, main
 from cn_clip.eval.featio import read_features
+from cn_clip.runtime import DistEnv
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 sys.path.insert(0, str(FIXTURES))
@@ -125,11 +126,11 @@ def test_shards_merge_back_in_order(tiny: dict[str, Path]) -> None:
     encoder = F.TorchEncoder(model.encode_text, "cpu")
     whole = F.extract_features(encoder, F.make_loader(dataset, batches, 0), progress=False)
     parts = [
-        F.extract_features(encoder, F.make_loader(dataset, F.shard(batches, rank, 3), 0), progress=False)
+        F.extract_dataset(encoder, dataset, batches, env=DistEnv(rank=rank, world_size=3), progress=False)
         for rank in range(3)
     ]
     for rank, part in enumerate(parts):  # through the on-disk part format, as under torchrun
-        path = Path(F.part_path(tiny["texts"], F.Shard(rank, 3)))
+        path = Path(F.part_path(tiny["texts"], DistEnv(rank=rank, world_size=3)))
         F.save_part(part, path)
         parts[rank] = F.load_part(path)
         path.unlink()

@@ -13,7 +13,7 @@ from tests.training.helpers import fixture_model  # noqa: E402
 
 
 def main() -> None:
-    from cn_clip.training.distributed import all_reduce_sum, cleanup, init_distributed
+    from cn_clip.runtime import all_reduce_sum, cleanup, init_distributed
     from cn_clip.training.engine import Engine
     from cn_clip.training.loss import ClipLoss
     from cn_clip.training.optim import create_optimizer, param_groups

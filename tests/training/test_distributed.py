@@ -61,7 +61,7 @@ def test_torchrun_main_two_processes(tmp_path: Path) -> None:
 
 LOCAL_PRIMARY_PROBE = """
 import sys, time
-from cn_clip.training.distributed import cleanup, init_distributed, local_primary_first
+from cn_clip.runtime import cleanup, init_distributed, local_primary_first
 env = init_distributed(device="cpu")
 with local_primary_first(env):
     with open(sys.argv[1], "a") as log:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from cn_clip.runtime import DistEnv
 from cn_clip.training.config import LossCfg, TrainCfg
-from cn_clip.training.distributed import DistEnv
 from cn_clip.training.engine import Engine
 from cn_clip.training.loop import Batch, Trainer
 from cn_clip.training.optim import create_optimizer, param_groups
