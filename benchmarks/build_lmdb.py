@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/build_lmdb.py --images 5000 50000 --repeats 3
 
-Generates ``N`` base64 JPEGs of 256×256 (~24 KB each, like SPEC §14) plus one caption per image, then times each
+Generates ``N`` base64 JPEGs of 256×256 (~24 KB each, like compatibility.md#baselines) plus one caption per image, then
+times each
 builder as a fresh subprocess (interpreter start included), interleaved, and prints a table naming the machine.
 """
 

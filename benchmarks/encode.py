@@ -33,7 +33,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = {"ViT-B-16": "ViT-B-16@RoBERTa-wwm-ext-base-chinese", "RN50": "RN50@RBT3-chinese"}
 GFLOP_PER_IMAGE = {"ViT-B-16": 35.2, "RN50": 10.8}  # multiply-adds × 2 at 224 px (fvcore-style count)
-FMA_PEAK_GFLOPS = 190.0  # 2-core AVX2 FMA peak of the project machine (SPEC §14)
+FMA_PEAK_GFLOPS = 190.0  # 2-core AVX2 FMA peak of the project machine (compatibility.md#baselines)
 
 
 # ----------------------------------------------------------------------------------------------------- worker

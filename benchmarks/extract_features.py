@@ -10,7 +10,7 @@ checked equal to 1e-5.
 
 Measured 2026-11-25 (2-core AMD EPYC, shared and loaded; --texts 1000 --images 48 --passes 2, min of 2):
 1000 texts: reference 47.95 s, cn_clip 25.73 s (1.86x); 48 images: 22.67 s vs 21.23 s (1.07x). Each side
-spends ~10 s starting up and building the model; the image tower is compute-bound (SPEC §14).
+spends ~10 s starting up and building the model; the image tower is compute-bound (compatibility.md#baselines).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Tokenizer throughput: cn_clip.tokenize against the reference cn-clip 1.6.0, on the same jieba phrases.
 
 The reference runs in its own venv (``--ref-python``, default /work/refvenv/bin/python) as a subprocess; ours runs
-in this process. Two workloads: jieba phrases (pure Chinese, as SPEC §14) and mixed Chinese/Latin/digit titles.
+in this process. Two workloads: jieba phrases (pure Chinese, as compatibility.md#baselines) and mixed
+Chinese/Latin/digit titles.
 Both sides tokenise the same texts to ``[N, 52]`` tensors; each timing is the median of ``--repeats`` calls after
 ``--warmup`` untimed calls. Our first ("cold") call is reported separately: it builds the tokenizer and checks each
 new character once (see cn_clip/tokenizer.py). The table also says how many texts each back end took. Outputs are
@@ -53,7 +54,8 @@ def _jieba_words() -> list[str]:
 
 
 def jieba_phrases(count: int, seed: int = 0) -> list[str]:
-    """``count`` phrases of 3–8 random words from jieba's dictionary (mean ≈ 16–18 tokens, like SPEC §14)."""
+    """``count`` phrases of 3–8 random words from jieba's dictionary (mean ≈ 16–18 tokens, like
+    compatibility.md#baselines)."""
     words = _jieba_words()
     rng = random.Random(seed)
     return ["".join(rng.sample(words, rng.randint(3, 8))) for _ in range(count)]

@@ -3,7 +3,7 @@
 Two back ends produce the same ids:
 
 * a pure-Python BasicTokenizer + WordPiece (:class:`BasicTokenizer`, :class:`WordpieceTokenizer`), the ground truth,
-  written to follow the reference algorithm step by step (SPEC §4);
+  written to follow the reference algorithm step by step (compatibility.md#tokenizer);
 * a Rust ``tokenizers`` pipeline (BertNormalizer + BertPreTokenizer + WordPiece with the reference's 200-character
   word limit).
 
@@ -76,7 +76,7 @@ _SEGMENT_RE = _segment_pattern()
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Character classes (SPEC §4)
+# Character classes (compatibility.md#tokenizer)
 # --------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,13 +1,15 @@
 """Image preprocessing, bit-identical to the reference ``cn_clip.clip.image_transform`` for 8-bit images.
 
-The reference pipeline (SPEC §5) is, in this order: resize the PIL image to ``(R, R)`` with bicubic filtering
+The reference pipeline (compatibility.md#image-preprocessing) is, in this order: resize the PIL image to ``(R, R)``
+with bicubic filtering
 (a *squash*: no crop, aspect ratio not kept), ``convert("RGB")`` *after* the resize, ``ToTensor`` (float32,
 /255, CHW), normalise with the CLIP mean/std. :func:`image_transform` builds exactly that from torchvision
 transforms, with named steps, plus one step in front, :class:`PrepareImage`, which
 
 * rejects anything that is not a ``PIL.Image.Image`` with a clear ``TypeError`` and turns decode failures of lazily
   loaded files into :class:`~cn_clip.errors.DataError`;
-* rescales 16-bit, 32-bit integer and float images to the 8-bit range, where the reference clips them (SPEC §12.41;
+* rescales 16-bit, 32-bit integer and float images to the 8-bit range, where the reference clips them
+(compatibility.md#fix-wide-range-images;
   rule in :func:`rescale_wide_range`). 8-bit modes (1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, ...) pass untouched.
 
 :func:`train_transform` is the reference's ``--use-augment`` pipeline (timm RandomResizedCrop + flip +
@@ -40,7 +42,7 @@ _ROUNDING = 0.5  # PIL truncates when converting F to 8 bits; adding 0.5 first m
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Wide-range images (SPEC §12.41)
+# Wide-range images (compatibility.md#fix-wide-range-images)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -170,7 +172,7 @@ def image_transform(
 ) -> Any:
     """PIL image → normalised ``FloatTensor[3, image_size, image_size]``; the reference's eval preprocessing.
 
-    Defaults reproduce the reference bit for bit (8-bit modes). Opt-ins (SPEC §12.16):
+    Defaults reproduce the reference bit for bit (8-bit modes). Opt-ins (compatibility.md#fix-resize-order):
     ``resize_mode="shortest"`` resizes the shorter side to ``image_size`` and centre-crops (OpenAI CLIP / HF
     processor style) instead of squashing; ``convert_first=True`` converts to RGB before resizing (palette images
     are then resized in RGB with bicubic filtering instead of nearest-neighbour in palette space).

@@ -28,7 +28,8 @@ from cn_clip.transforms import (
 FIXTURE = Path(__file__).parent / "fixtures" / "transform_images.npz"
 SIZES = (224, 64, 16)
 FULL_SIZE = 16
-WIDE_RANGE = ("i16", "i32", "f32")  # cn_clip rescales these where the reference clips (SPEC §12.41)
+# cn_clip rescales these where the reference clips (compatibility.md#fix-wide-range-images)
+WIDE_RANGE = ("i16", "i32", "f32")
 
 
 @lru_cache(maxsize=1)

@@ -1,4 +1,5 @@
-"""Raw dataset and LMDB record formats (SPEC §6): TSV image lines, JSONL text lines, base64, pair pickles.
+"""Raw dataset and LMDB record formats (compatibility.md#data-formats): TSV image lines, JSONL text lines, base64, pair
+pickles.
 
 Everything here is pure parsing with messages that name the file, line and id, so the builder, the readers and the
 importers agree on one definition of "valid".

@@ -1,6 +1,6 @@
 """Raw TSV/JSONL splits → the reference's LMDB layout, validated first and written atomically.
 
-Layout (SPEC §6.2, byte-identical keys and values to ``cn-clip`` 1.6.0)::
+Layout (compatibility.md#lmdb-layout, byte-identical keys and values to ``cn-clip`` 1.6.0)::
 
     {lmdb_dir}/{split}/pairs   "0".."N-1" → pickle((image_id, text_id, text), protocol 4); b"num_samples" → N
     {lmdb_dir}/{split}/imgs    TSV id verbatim → base64 text bytes;                        b"num_images" → count

@@ -1,4 +1,4 @@
-"""Datasets over the reference's LMDB layout (SPEC §6.3, §6.4) and over raw JSONL texts.
+"""Datasets over the reference's LMDB layout (compatibility.md#training-data, #eval-data) and over raw JSONL texts.
 
 LMDB environments are opened lazily, once per process, on the first item read: a DataLoader forks its workers before
 any handle exists (the reference opened them in ``__init__`` and shared them across fork). Items are read by index.

@@ -1,13 +1,14 @@
 """Training/validation data for ``cn_clip.training``: ``get_data(DataCfg, world_size, rank, resolution)`` → splits.
 
-Same sample order as the reference (SPEC §6.3): the split is padded up to a multiple of the global batch,
+Same sample order as the reference (compatibility.md#training-data): the split is padded up to a multiple of the global
+batch,
 ``DistributedSampler(shuffle=True, seed=--seed)`` with the epoch id (0 for validation), ``num_batches`` per rank.
 Additions:
 - the sampler can start at any batch of an epoch (exact mid-epoch resume) without reading the skipped samples;
 - every item gets its own seed from ``(seed, epoch, position)``, so random augmentation is identical however many
   workers there are and wherever a run was resumed;
 - items carry 63-bit keys of their image id and text id, for masking duplicate positives in the loss;
-- the loader is built once (persistent workers), not per epoch (SPEC 12.21).
+- the loader is built once (persistent workers), not per epoch (compatibility.md#fix-data-plumbing).
 ``--train-data synthetic:N[:C]`` trains on ``N`` random pairs (``C`` classes, see SyntheticDataset), no files needed.
 """
 

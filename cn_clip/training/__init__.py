@@ -1,1 +1,1 @@
-"""Contrastive fine-tuning: ``python -m cn_clip.training.main`` (reference flags, SPEC §7)."""
+"""Contrastive fine-tuning: ``python -m cn_clip.training.main`` (reference flags, compatibility.md#training)."""

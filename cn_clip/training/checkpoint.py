@@ -1,4 +1,5 @@
-"""Checkpoints in the reference layout (SPEC §2.6, §7.8), written atomically, plus exact-resume extras.
+"""Checkpoints in the reference layout (compatibility.md#checkpoint-format, #checkpoints-resume), written atomically,
+plus exact-resume extras.
 
 File content: ``{"epoch", "step", "name", "state_dict" ("module."-prefixed reference keys), "optimizer"}`` — what
 the reference writes and reads — and one extra key ``"cn_clip"`` holding the exact data position (epoch index and
@@ -91,7 +92,8 @@ def prune(checkpoint_dir: Path, keep_last_k: int) -> list[Path]:
 
 def resume_position(ckpt: dict[str, Any], num_batches: int, accum_freq: int) -> Position:
     """Where to continue. cn_clip files: the exact next micro-batch. Reference files (no ``cn_clip`` key): the
-    reference's rule, i.e. the start of epoch ``ckpt["epoch"]`` with the step recomputed from it (SPEC 12.12)."""
+    reference's rule, i.e. the start of epoch ``ckpt["epoch"]`` with the step recomputed from it
+    (compatibility.md#fix-resume-position)."""
     extra = ckpt.get("cn_clip")
     if isinstance(extra, dict) and "epoch_index" in extra:
         epoch, batch = int(extra["epoch_index"]), int(extra["batch_in_epoch"])

@@ -2,7 +2,8 @@
 
 The loop only calls ``forward``/``autocast``/``backward``/``step``/``no_sync`` and never branches on the back end.
 
-Precision (SPEC §7.3, 12.27): ``fp32`` plain; ``amp`` and ``fp16`` keep fp32 master weights, autocast fp16 and use
+Precision (compatibility.md#optimizer-schedule, #fix-fp16-training): ``fp32`` plain; ``amp`` and ``fp16`` keep fp32
+master weights, autocast fp16 and use
 dynamic loss scaling on an accelerator (the reference's pure-fp16 training, with no master weights, collapses);
 ``bf16`` autocasts to bfloat16 (no scaler). On a CPU ``amp``/``fp16`` fall back to fp32 (logged). With DeepSpeed
 the precision comes from its config (``--precision bf16`` turns ``bf16.enabled`` on).

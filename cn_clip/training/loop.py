@@ -118,7 +118,8 @@ class Trainer:
             return torch.cat([self.teacher(b.images).float() for b in batches])
 
     def train_step(self, batches: list[Batch], step: int) -> tuple[torch.Tensor, dict]:
-        """One optimizer step over ``accum_freq`` micro-batches (feature caching when > 1, SPEC §7.5)."""
+        """One optimizer step over ``accum_freq`` micro-batches (feature caching when > 1,
+        compatibility.md#accumulation)."""
         torch.manual_seed(mix_seed(self.cfg.seed, step, self.env.rank))  # dropout etc.: a function of the step
         engine = self.engine
         teacher_feats = self._teacher_features(batches)
@@ -235,7 +236,8 @@ class Trainer:
     # ---- validation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, epoch: int, steps: int) -> dict[str, float]:
-        """The reference's in-batch loss/accuracy plus retrieval recall over the whole split (SPEC 12.26)."""
+        """The reference's in-batch loss/accuracy plus retrieval recall over the whole split
+        (compatibility.md#fix-in-batch-validation)."""
         _logger.info("Begin to eval on validation set (epoch %d @ %d steps)...", epoch + 1, steps)
         info = self.data["val"]
         module = self.engine.module

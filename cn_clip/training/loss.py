@@ -1,4 +1,5 @@
-"""Contrastive (InfoNCE) loss over features gathered from all ranks, and the distillation loss (SPEC §7.4, §7.6).
+"""Contrastive (InfoNCE) loss over features gathered from all ranks, and the distillation loss (compatibility.md#loss,
+#distillation).
 
 Collectives are injected (``gather``), so a test can fake several ranks inside one process.
 
@@ -10,7 +11,8 @@ Modes, for B local and N = B·world global samples:
   ``gather_with_grad`` the mean over ranks equals the full loss, and so do the averaged gradients, in O(B·N) memory.
 - ``aggregate=False`` (``--skip-aggregate``): local [B, B] logits only.
 - ``mask_duplicates``: a pair whose image id or text id equals that of the row's own pair is not a negative (its
-  logit is set to −inf), except the row's own label. The reference treats such pairs as negatives (SPEC 12.26/28).
+  logit is set to −inf), except the row's own label. The reference treats such pairs as negatives
+  (compatibility.md#fix-in-batch-validation, #fix-padding-duplicates).
 """
 
 from __future__ import annotations

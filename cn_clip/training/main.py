@@ -1,4 +1,4 @@
-"""``python -m cn_clip.training.main``: contrastive fine-tuning with the reference's flags (SPEC §7).
+"""``python -m cn_clip.training.main``: contrastive fine-tuning with the reference's flags (compatibility.md#training).
 
 Runs as one plain process (CPU or one GPU), under ``torchrun`` (gloo on CPU, nccl on GPU) or under the
 ``deepspeed`` launcher with ``--deepspeed --deepspeed_config F``. Orchestration only; the work is in the modules.

@@ -1,6 +1,7 @@
 """AdamW parameter groups: the reference's name-substring rule (default) or a role-based rule (``--wd-groups role``).
 
-Reference rule (SPEC §7.3, kept because published recipes depend on it): a trainable parameter gets no weight decay
+Reference rule (compatibility.md#optimizer-schedule, kept because published recipes depend on it): a trainable
+parameter gets no weight decay
 iff its DDP name (``module.…``) contains ``bn``, ``ln``, ``bias`` or ``logit_scale``. Side effects kept on purpose:
 BERT ``LayerNorm.weight`` and ResNet ``downsample.1.weight`` (a BatchNorm) *are* decayed.
 
@@ -69,7 +70,7 @@ def create_optimizer(
 
 
 def default_hparams(vision_model: str) -> tuple[float, tuple[float, float], float]:
-    """Per-model defaults for ``--lr``, ``--beta1/2``, ``--eps`` when not given (SPEC §7.1)."""
+    """Per-model defaults for ``--lr``, ``--beta1/2``, ``--eps`` when not given (compatibility.md#training-flags)."""
     if vision_model.startswith("RN"):
         return 5.0e-4, (0.9, 0.999), 1.0e-8
     if vision_model in ("ViT-L-14", "ViT-L-14-336"):

@@ -1,4 +1,5 @@
-"""Training flags: the reference's names and defaults (SPEC §7.1), the shared groups of cli/args.py, and additions."""
+"""Training flags: the reference's names and defaults (compatibility.md#training-flags), the shared groups of
+cli/args.py, and additions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Learning-rate schedules as pure functions of the global optimizer step (SPEC §7.3).
+"""Learning-rate schedules as pure functions of the global optimizer step (compatibility.md#optimizer-schedule).
 
 The LR is recomputed from the step at every micro-batch, so a resumed run follows the saved step exactly.
 """

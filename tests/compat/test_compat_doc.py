@@ -18,7 +18,7 @@ def _cited() -> dict[str, set[str]]:
     cited: dict[str, set[str]] = {}
     for root in ("cn_clip", "tests", "benchmarks", "docs", "run_scripts"):
         for path in (REPO / root).rglob("*"):
-            if path.suffix in {".py", ".md", ".sh", ".tsv"} or path.name == ".spec_map.tsv":
+            if path.suffix in {".py", ".md", ".sh"}:
                 for anchor in CITATION.findall(path.read_text(encoding="utf-8", errors="replace")):
                     cited.setdefault(anchor, set()).add(str(path.relative_to(REPO)))
     for anchor in CITATION.findall((REPO / "README.md").read_text(encoding="utf-8")):
@@ -33,11 +33,17 @@ def test_every_citation_names_an_anchor() -> None:
     assert not dangling, f"citations of missing anchors: {dangling}"
 
 
-def test_spec_map_targets_exist() -> None:
-    rows = [line.split("\t") for line in (REPO / "docs" / ".spec_map.tsv").read_text().splitlines()]
-    targets = [target for key, target in rows if not key.startswith("#")]
-    assert targets and all(t.startswith("docs/compatibility.md#") for t in targets)
-    assert {t.split("#", 1)[1] for t in targets} <= ANCHORS
+def test_no_citation_points_outside_the_repository() -> None:
+    """Facts the code relies on are cited from docs/compatibility.md, never from a document outside the repo."""
+    outside = re.compile(r"SPEC\s*§|SPEC \d+\.\d+|shared/SPEC")
+    hits = []
+    for root in ("cn_clip", "tests", "benchmarks", "docs", "run_scripts", "data_docs"):
+        for path in (REPO / root).rglob("*"):
+            if path.suffix in {".py", ".md", ".sh", ".json"} and path.name != Path(__file__).name:
+                text = path.read_text(encoding="utf-8", errors="replace")
+                hits += [f"{path.relative_to(REPO)}: {m.group(0)}" for m in outside.finditer(text)]
+    hits += [f"README.md: {m.group(0)}" for m in outside.finditer((REPO / "README.md").read_text(encoding="utf-8"))]
+    assert not hits, hits
 
 
 def test_parameter_table_matches_the_model_tests() -> None:

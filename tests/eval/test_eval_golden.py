@@ -26,7 +26,7 @@ MAINS = {
 }
 
 _INVALID_ID = "Found an invalid {} {}, it should be an integer (not string), please check your schema"
-# Where the reference is buggy we assert the fixed message instead of its output (SPEC 12.1).
+# Where the reference is buggy we assert the fixed message instead of its output (compatibility.md#fix-eval-query-id).
 FIXED_MESSAGES = {
     "t2i_invalid_query_id_first": _INVALID_ID.format("text_id", "1"),  # reference: UnboundLocalError text
     "t2i_invalid_query_id_later": _INVALID_ID.format("text_id", "x2"),  # reference: the previous line's id
