@@ -222,7 +222,7 @@ def load_eval_model(
     checkpoint layout, read once) and set the precision. Returns ``(model, metadata)``; metadata holds
     ``epoch``/``step`` and ``architecture``. Prints the reference's ``=> loaded checkpoint`` line when ``announce``.
     """
-    from cn_clip.models.factory import convert_weights, create_model, infer_architecture, load_checkpoint_into
+    from cn_clip.models.factory import build_from_checkpoint, convert_weights, infer_architecture
     from cn_clip.weights import read_checkpoint, state_dict_of
 
     if precision not in PRECISIONS:
@@ -237,8 +237,7 @@ def load_eval_model(
     if architecture is None:
         architecture = infer_architecture(state_dict_of(raw, str(resume)))
         _logger.info("architecture inferred from %s: %s", resume, architecture)
-    model = create_model(architecture)
-    meta = load_checkpoint_into(model, raw)
+    model, meta = build_from_checkpoint(architecture, raw, source=str(resume))
     del raw
     meta["architecture"] = architecture
     model.to(device)

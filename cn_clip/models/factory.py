@@ -43,11 +43,12 @@ def create_model(
     input_resolution: int | None = None,
 ) -> CLIP:
     """Build a CLIP (random init, or strictly loaded from ``checkpoint``: a path or a loaded dict), in eval mode."""
-    cfg = resolve_config(name_or_cfg, input_resolution)
-    _logger.debug("Model info %s", cfg.to_flat_dict())
-    model = CLIP(cfg)
-    if checkpoint is not None:
-        load_checkpoint_into(model, checkpoint)
+    if checkpoint is None:
+        cfg = resolve_config(name_or_cfg, input_resolution)
+        _logger.debug("Model info %s", cfg.to_flat_dict())
+        model = CLIP(cfg)
+    else:
+        model, _ = build_from_checkpoint(name_or_cfg, checkpoint, input_resolution)
     model.to(device or "cpu")
     if precision == "fp16":
         convert_weights(model)
@@ -58,14 +59,61 @@ def create_model(
     return model.eval()
 
 
+def build_from_checkpoint(
+    name_or_cfg: str | CLIPCfg,
+    checkpoint: str | Path | Mapping[str, Any],
+    input_resolution: int | None = None,
+    source: str | None = None,
+) -> tuple[CLIP, dict[str, Any]]:
+    """An fp32 CLIP holding ``checkpoint``'s weights, built without random initialisation; returns the model and
+    the checkpoint's non-tensor metadata.
+
+    The model is built on the meta device, the strictly checked state dict is assigned to it (cast to fp32), and
+    the buffers no checkpoint holds (BERT's ``position_ids``) are computed as at construction.
+    """
+    raw, source = _raw_checkpoint(checkpoint, source)
+    cfg = resolve_config(name_or_cfg, input_resolution)
+    _logger.debug("Model info %s", cfg.to_flat_dict())
+    with torch.device("meta"):
+        model = CLIP(cfg)
+    load_state_dict_strict(model, state_dict_of(raw, source), source, assign=True)
+    _materialize_buffers(model)
+    return model, _metadata(raw)
+
+
 def load_checkpoint_into(model: CLIP, checkpoint: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """Strictly load a reference-format checkpoint (or flat state dict); returns its non-tensor metadata."""
-    if isinstance(checkpoint, Mapping):
-        raw, source = dict(checkpoint), "<checkpoint dict>"
-    else:
-        raw, source = read_checkpoint(checkpoint), str(checkpoint)
+    """Strictly copy a reference-format checkpoint (or flat state dict) into an existing model; returns its
+    non-tensor metadata."""
+    raw, source = _raw_checkpoint(checkpoint)
     load_state_dict_strict(model, state_dict_of(raw, source), source)
+    return _metadata(raw)
+
+
+def _raw_checkpoint(checkpoint: str | Path | Mapping[str, Any], source: str | None = None) -> tuple[dict, str]:
+    if isinstance(checkpoint, Mapping):
+        return dict(checkpoint), source or "<checkpoint dict>"
+    return read_checkpoint(checkpoint), source or str(checkpoint)
+
+
+def _metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k not in ("state_dict", "optimizer")}
+
+
+def _materialize_buffers(model: nn.Module) -> None:
+    """Give the non-persistent buffers left on the meta device their constructed values, the way transformers does
+    after its own meta-device loading (its ``_init_weights`` on the modules that own them)."""
+    from transformers import PreTrainedModel
+
+    for owner in (m for m in model.modules() if isinstance(m, PreTrainedModel)):
+        for module in owner.modules():
+            names = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+            for name in names:
+                setattr(module, name, torch.empty_like(getattr(module, name), device="cpu"))
+            if names:
+                owner._init_weights(module)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"no value for {left[:8]} after loading (neither in the checkpoint nor computable)")
 
 
 def convert_weights(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
@@ -148,26 +196,21 @@ def load_from_name(
         architecture, resolution = PRETRAINED[name].architecture, PRETRAINED[name].resolution
     elif Path(name).expanduser().is_file():
         path = Path(name).expanduser()
-        architecture, resolution = _local_architecture(path, vision_model_name, text_model_name, input_resolution)
+        both = vision_model_name and text_model_name
+        architecture = f"{vision_model_name}@{text_model_name}" if both else None
+        resolution = input_resolution
     else:
         raise ConfigError(f"Model {name} not found; available models = {available_models()}")
     raw = read_checkpoint(path)
-    model = create_model(architecture, input_resolution=resolution)
-    load_checkpoint_into(model, raw)
+    if architecture is None:
+        architecture = infer_architecture(state_dict_of(raw, str(path)))
+        _logger.info("Inferred architecture %s from the shapes in %s", architecture, path)
+    model, _ = build_from_checkpoint(architecture, raw, resolution, source=str(path))
+    del raw
     model.to(device)
     if torch.device(device).type != "cpu":
         convert_weights(model)
     return model.eval(), image_transform(model.cfg.vision.image_resolution)
-
-
-def _local_architecture(
-    path: Path, vision: str | None, text: str | None, resolution: int | None
-) -> tuple[str, int | None]:
-    if vision and text:
-        return f"{vision}@{text}", resolution
-    architecture = infer_architecture(state_dict_of(read_checkpoint(path), str(path)))
-    _logger.info("Inferred architecture %s from the shapes in %s", architecture, path)
-    return architecture, resolution
 
 
 def load(
