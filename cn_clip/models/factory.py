@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,16 +69,15 @@ def build_from_checkpoint(
     """An fp32 CLIP holding ``checkpoint``'s weights, built without random initialisation; returns the model and
     the checkpoint's non-tensor metadata.
 
-    The model is built on the meta device, the strictly checked state dict is assigned to it (cast to fp32), and
-    the buffers no checkpoint holds (BERT's ``position_ids``) are computed as at construction.
+    The model's parameters are built on the meta device and the strictly checked state dict is assigned to them
+    (cast to fp32); buffers are built as usual (see :func:`_parameters_on_meta`).
     """
     raw, source = _raw_checkpoint(checkpoint, source)
     cfg = resolve_config(name_or_cfg, input_resolution)
     _logger.debug("Model info %s", cfg.to_flat_dict())
-    with torch.device("meta"):
+    with _parameters_on_meta():
         model = CLIP(cfg)
     load_state_dict_strict(model, state_dict_of(raw, source), source, assign=True)
-    _materialize_buffers(model)
     return model, _metadata(raw)
 
 
@@ -99,21 +99,23 @@ def _metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k not in ("state_dict", "optimizer")}
 
 
-def _materialize_buffers(model: nn.Module) -> None:
-    """Give the non-persistent buffers left on the meta device their constructed values, the way transformers does
-    after its own meta-device loading (its ``_init_weights`` on the modules that own them)."""
-    from transformers import PreTrainedModel
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Within the block, every parameter a module registers is moved to the meta device (no memory, and the
+    initialisers that follow do no work) while buffers are built as usual: the ones no checkpoint holds (BERT's
+    ``position_ids``) keep the values their constructors compute, whatever the transformers version."""
+    register = nn.Module.register_parameter
 
-    for owner in (m for m in model.modules() if isinstance(m, PreTrainedModel)):
-        for module in owner.modules():
-            names = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
-            for name in names:
-                setattr(module, name, torch.empty_like(getattr(module, name), device="cpu"))
-            if names:
-                owner._init_weights(module)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"no value for {left[:8]} after loading (neither in the checkpoint nor computable)")
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def convert_weights(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
