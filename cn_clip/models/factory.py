@@ -103,7 +103,9 @@ def _metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
 def _parameters_on_meta() -> Iterator[None]:
     """Within the block, every parameter a module registers is moved to the meta device (no memory, and the
     initialisers that follow do no work) while buffers are built as usual: the ones no checkpoint holds (BERT's
-    ``position_ids``) keep the values their constructors compute, whatever the transformers version."""
+    ``position_ids``) keep the values their constructors compute, whatever the transformers version. The switch is
+    process-wide while the block runs (the approach of accelerate's ``init_empty_weights``): modules built by other
+    threads at that moment would get meta parameters too."""
     register = nn.Module.register_parameter
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
