@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,11 @@ _MAX_LISTED = 8
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file without executing code. Returns the raw object (a dict)."""
+    """Load a checkpoint file without executing code. Returns the raw object (a dict).
+
+    Zip-format ``.pt`` files (everything ``torch.save`` writes since PyTorch 1.6) and ``.safetensors`` are
+    memory-mapped: tensors are read from the page cache when used, not copied up front.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
@@ -38,7 +43,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     try:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refused to unpickle (only tensors and plain containers are allowed): {exc}"
@@ -184,8 +189,14 @@ def _listed(keys: list[str]) -> str:
     return shown + (f" … (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
 
 
-def load_state_dict_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Copy ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error that names it."""
+def load_state_dict_strict(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, assign: bool = False
+) -> None:
+    """Copy ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error that names it.
+
+    ``assign=True`` (for a model built on the meta device) makes the checkpoint's tensors the model's, cast to the
+    model's dtype (fp16 files load as fp32) instead of copying them into freshly initialised ones.
+    """
     state = clean_state_dict(state)
     resize_pos_embed(state, model)
     expected = model.state_dict()
@@ -206,4 +217,6 @@ def load_state_dict_strict(model: torch.nn.Module, state: Mapping[str, torch.Ten
     if problems:
         name = getattr(getattr(model, "cfg", None), "name", type(model).__name__)
         raise CheckpointError(f"{source} does not fit {name}: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+    if assign:
+        state = {k: state[k].to(v.dtype).contiguous() for k, v in expected.items()}
+    model.load_state_dict(state, strict=True, assign=assign)

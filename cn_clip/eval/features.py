@@ -330,7 +330,7 @@ def load_eval_model(
     ``epoch``/``step`` and ``architecture``. The reference's ``Begin to load …`` / ``=> loaded checkpoint …`` lines go
     to ``announce`` (a CLI passes ``print``), else to the log.
     """
-    from cn_clip.models.factory import convert_weights, create_model, infer_architecture, load_checkpoint_into
+    from cn_clip.models.factory import build_from_checkpoint, convert_weights, infer_architecture
     from cn_clip.weights import read_checkpoint, state_dict_of
 
     dtype = weight_dtype(check_precision(precision, device))
@@ -344,8 +344,7 @@ def load_eval_model(
     if architecture is None:
         architecture = infer_architecture(state_dict_of(raw, str(resume)))
         _logger.info("architecture inferred from %s: %s", resume, architecture)
-    model = create_model(architecture)
-    meta = load_checkpoint_into(model, raw)
+    model, meta = build_from_checkpoint(architecture, raw, source=str(resume))
     del raw
     meta["architecture"] = architecture
     model.to(device)

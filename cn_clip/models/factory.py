@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,12 @@ def create_model(
     input_resolution: int | None = None,
 ) -> CLIP:
     """Build a CLIP (random init, or strictly loaded from ``checkpoint``: a path or a loaded dict), in eval mode."""
-    cfg = resolve_config(name_or_cfg, input_resolution)
-    _logger.debug("Model info %s", cfg.to_flat_dict())
-    model = CLIP(cfg)
-    if checkpoint is not None:
-        load_checkpoint_into(model, checkpoint)
+    if checkpoint is None:
+        cfg = resolve_config(name_or_cfg, input_resolution)
+        _logger.debug("Model info %s", cfg.to_flat_dict())
+        model = CLIP(cfg)
+    else:
+        model, _ = build_from_checkpoint(name_or_cfg, checkpoint, input_resolution)
     model.to(device or "cpu")
     dtype = weight_dtype(precision)  # amp/fp32: fp32 weights
     if dtype is not None:
@@ -56,14 +58,64 @@ def create_model(
     return model.eval()
 
 
+def build_from_checkpoint(
+    name_or_cfg: str | CLIPCfg,
+    checkpoint: str | Path | Mapping[str, Any],
+    input_resolution: int | None = None,
+    source: str | None = None,
+) -> tuple[CLIP, dict[str, Any]]:
+    """An fp32 CLIP holding ``checkpoint``'s weights, built without random initialisation; returns the model and
+    the checkpoint's non-tensor metadata.
+
+    The model's parameters are built on the meta device and the strictly checked state dict is assigned to them
+    (cast to fp32); buffers are built as usual (see :func:`_parameters_on_meta`).
+    """
+    raw, source = _raw_checkpoint(checkpoint, source)
+    cfg = resolve_config(name_or_cfg, input_resolution)
+    _logger.debug("Model info %s", cfg.to_flat_dict())
+    with _parameters_on_meta():
+        model = CLIP(cfg)
+    load_state_dict_strict(model, state_dict_of(raw, source), source, assign=True)
+    return model, _metadata(raw)
+
+
 def load_checkpoint_into(model: CLIP, checkpoint: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """Strictly load a reference-format checkpoint (or flat state dict); returns its non-tensor metadata."""
-    if isinstance(checkpoint, Mapping):
-        raw, source = dict(checkpoint), "<checkpoint dict>"
-    else:
-        raw, source = read_checkpoint(checkpoint), str(checkpoint)
+    """Strictly copy a reference-format checkpoint (or flat state dict) into an existing model; returns its
+    non-tensor metadata."""
+    raw, source = _raw_checkpoint(checkpoint)
     load_state_dict_strict(model, state_dict_of(raw, source), source)
+    return _metadata(raw)
+
+
+def _raw_checkpoint(checkpoint: str | Path | Mapping[str, Any], source: str | None = None) -> tuple[dict, str]:
+    if isinstance(checkpoint, Mapping):
+        return dict(checkpoint), source or "<checkpoint dict>"
+    return read_checkpoint(checkpoint), source or str(checkpoint)
+
+
+def _metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k not in ("state_dict", "optimizer")}
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Within the block, every parameter a module registers is moved to the meta device (no memory, and the
+    initialisers that follow do no work) while buffers are built as usual: the ones no checkpoint holds (BERT's
+    ``position_ids``) keep the values their constructors compute, whatever the transformers version. The switch is
+    process-wide while the block runs (the approach of accelerate's ``init_empty_weights``): modules built by other
+    threads at that moment would get meta parameters too."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def convert_weights(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
@@ -144,26 +196,21 @@ def load_from_name(
         architecture, resolution = PRETRAINED[name].architecture, PRETRAINED[name].resolution
     elif Path(name).expanduser().is_file():
         path = Path(name).expanduser()
-        architecture, resolution = _local_architecture(path, vision_model_name, text_model_name, input_resolution)
+        both = vision_model_name and text_model_name
+        architecture = f"{vision_model_name}@{text_model_name}" if both else None
+        resolution = input_resolution
     else:
         raise ConfigError(f"Model {name} not found; available models = {available_models()}")
     raw = read_checkpoint(path)
-    model = create_model(architecture, input_resolution=resolution)
-    load_checkpoint_into(model, raw)
+    if architecture is None:
+        architecture = infer_architecture(state_dict_of(raw, str(path)))
+        _logger.info("Inferred architecture %s from the shapes in %s", architecture, path)
+    model, _ = build_from_checkpoint(architecture, raw, resolution, source=str(path))
+    del raw
     model.to(device)
     if torch.device(device).type != "cpu":
         convert_weights(model)
     return model.eval(), image_transform(model.cfg.vision.image_resolution)
-
-
-def _local_architecture(
-    path: Path, vision: str | None, text: str | None, resolution: int | None
-) -> tuple[str, int | None]:
-    if vision and text:
-        return f"{vision}@{text}", resolution
-    architecture = infer_architecture(state_dict_of(read_checkpoint(path), str(path)))
-    _logger.info("Inferred architecture %s from the shapes in %s", architecture, path)
-    return architecture, resolution
 
 
 def load(
