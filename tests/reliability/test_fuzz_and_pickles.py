@@ -14,6 +14,7 @@ from PIL import Image
 
 from cn_clip.cli.runner import run_cli
 from cn_clip.errors import CnClipError, DataError
+from tests.helpers import TINY_ARCH
 
 pytestmark = pytest.mark.reliability
 MARKER = Path("/tmp/cn_clip_pickle_ran")
@@ -82,7 +83,7 @@ def test_library_loaders_refuse_code(evil_checkpoint: Path) -> None:
     with pytest.raises(CnClipError, match="refused to unpickle"):
         load_from_name(str(evil_checkpoint), device="cpu")
     with pytest.raises(CnClipError, match="refused to unpickle"):
-        create_model("ViT-Tiny@BERT-Tiny-chinese", checkpoint=evil_checkpoint)
+        create_model(TINY_ARCH, checkpoint=evil_checkpoint)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +95,7 @@ def test_library_loaders_refuse_code(evil_checkpoint: Path) -> None:
         [
             "cn_clip.deploy.pytorch_to_onnx",
             "--model-arch",
-            "ViT-Tiny@BERT-Tiny-chinese",
+            TINY_ARCH,
             "--pytorch-ckpt-path",
             "{ckpt}",
             "--save-onnx-path",

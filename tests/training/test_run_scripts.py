@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.helpers import REPO
+from tests.helpers import REPO
 
 SCRIPTS = REPO / "run_scripts"
 OURS = sorted(
