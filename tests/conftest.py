@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.data.helpers import good_split
 from tests.helpers import RN_TINY_ARCH, TINY_ARCH, make_retrieval_dataset, save_reference_checkpoint
 
 
@@ -76,10 +77,21 @@ def retrieval_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_retrieval_dataset(tmp_path_factory.mktemp("retrieval"))
 
 
+@pytest.fixture(scope="session")
+def tiny_lmdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset folder as the recipes expect it: raw 8-pair ``train`` and 4-pair ``valid`` splits and their LMDBs
+    (``lmdb/train``, ``lmdb/valid``) built by our builder."""
+    from cn_clip.data.lmdb_build import build_lmdb
+
+    root = tmp_path_factory.mktemp("tiny_lmdb")
+    good_split(root, "train", n=8)
+    good_split(root, "valid", n=4)
+    build_lmdb(root, ["train", "valid"])
+    return root
+
+
 @pytest.fixture()
 def raw_dir(tmp_path: Path) -> Path:
     """A 3-pair raw ``train`` split (``train_imgs.tsv`` + ``train_texts.jsonl``) to build an LMDB from."""
-    from tests.data.helpers import good_split
-
     good_split(tmp_path / "raw")
     return tmp_path / "raw"
