@@ -98,7 +98,8 @@ def test_reference_reader_reads_our_lmdb(tmp_path):
     build_lmdb(FIXTURES / "raw", SPLITS, tmp_path / "lmdb")
     out = subprocess.run(
         [str(REF_PYTHON), "-c", reader, str(tmp_path / "lmdb"), ",".join(SPLITS)],
-        cwd=tmp_path,  # outside the repo, so the reference imports its own cn_clip
+        cwd=tmp_path,  # outside the repo and without PYTHONPATH, so the reference imports its own cn_clip
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
         check=True,
         capture_output=True,
         text=True,

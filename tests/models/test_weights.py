@@ -83,7 +83,7 @@ def test_strict_errors_name_the_key(source_model, case: str, message: str) -> No
 
 
 def test_wrong_architecture_is_reported(source_model) -> None:
-    with pytest.raises(CheckpointError, match="does not fit RN-Tiny@BERT-Tiny-chinese"):
+    with pytest.raises(CheckpointError, match=f"does not fit {RN_TINY_ARCH}"):
         create_model(RN_TINY_ARCH, checkpoint={"state_dict": source_model.state_dict()})
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cn_clip.cli.runner import run_cli
 from cn_clip.errors import CnClipError, DataError
-from tests.helpers import TINY_ARCH
+from tests.helpers import TINY_ARCH, TINY_FLAGS
 
 pytestmark = pytest.mark.reliability
 MARKER = Path("/tmp/cn_clip_pickle_ran")
@@ -113,7 +113,7 @@ def test_cli_loaders_refuse_code(evil_checkpoint: Path, tmp_path: Path, argv: li
     values = {"ckpt": evil_checkpoint, "texts": texts, "lmdb": tmp_path, "out": tmp_path / "out"}
     args = [a.format(**values) for a in argv[1:]]
     if argv[0] in ("cn_clip.eval.extract_features", "cn_clip.training.main"):
-        args += ["--vision-model", "ViT-Tiny", "--text-model", "BERT-Tiny-chinese"]
+        args += TINY_FLAGS
     module = importlib.import_module(argv[0])
     main = module.main
     try:

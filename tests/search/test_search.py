@@ -11,7 +11,7 @@ import pytest
 
 from cn_clip.eval.featio import read_features
 from cn_clip.search.__main__ import main
-from tests.helpers import TINY_FLAGS, make_retrieval_dataset, png_bytes
+from tests.helpers import TINY_ARCH, TINY_FLAGS, make_retrieval_dataset, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_folder_index_and_image_query(built: dict[str, Path], capsys: pytest.Cap
     ids = json.loads((idx / "ids.json").read_text())
     assert ids == ["p0.png", "p2.png", "p4.png", "sub/p1.png", "sub/p3.png"]
     meta = json.loads((idx / "meta.json").read_text())
-    assert meta["architecture"] == "ViT-Tiny@BERT-Tiny-chinese" and meta["count"] == 5 and meta["dim"] == 64
+    assert meta["architecture"] == TINY_ARCH and meta["count"] == 5 and meta["dim"] == 64
     hits = _query(capsys, "--index", str(idx), "--image", str(built["folder"] / "sub" / "p3.png"), "--top-k", "10")
     assert len(hits) == 5 and hits[0]["id"] == "sub/p3.png" and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert hits[0]["path"] == str((built["folder"] / "sub" / "p3.png").resolve())

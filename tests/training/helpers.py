@@ -6,12 +6,13 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers import TINY_FLAGS
+
 
 def tiny_args(logs: Path | str, *extra: str, steps: int = 4, data: str = "synthetic:16:4", batch: int = 4) -> list[str]:
     return [
         "--train-data", data,
-        "--vision-model", "ViT-Tiny",
-        "--text-model", "BERT-Tiny-chinese",
+        *TINY_FLAGS,
         "--batch-size", str(batch),
         "--valid-batch-size", str(batch),
         "--num-workers", "0",
