@@ -13,22 +13,17 @@ padded to its longest text with an attention mask (``padding=True``); cn_clip ta
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
 import sys
-
-# benchmarks/tokenize.py would shadow the standard library's tokenize (used by linecache/inspect) for any script
-# started from this folder: drop the script directory from the import path first.
-sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = {"ViT-B-16": "ViT-B-16@RoBERTa-wwm-ext-base-chinese", "RN50": "RN50@RBT3-chinese"}

@@ -15,16 +15,17 @@ from cn_clip.data.lmdb_build import build_lmdb
 from cn_clip.data.lmdb_dataset import JsonlTextDataset, LMDBDataset, LMDBImageDataset, pad_dataset
 from cn_clip.data.synthetic import SyntheticDataset
 from cn_clip.errors import DataError
+from tests.helpers import REF_PYTHON, needs_reference
 
 from .helpers import FIXTURES, b64, image_bytes
 
 SPLITS = ("train", "valid", "test")
-REF_PYTHON = Path(os.environ.get("CN_CLIP_REF_PYTHON", "/work/refvenv/bin/python"))
 
 
-def _transform_or_skip():
-    transforms = pytest.importorskip("cn_clip.transforms")
-    return transforms.image_transform(32)
+def _transform():
+    from cn_clip.transforms import image_transform
+
+    return image_transform(32)
 
 
 def _lmdb_from_dump(root: Path) -> Path:
@@ -76,20 +77,20 @@ def _assert_same_items(ours: dict, reference: dict) -> None:
 
 
 def test_reference_built_lmdb_reads_identically(tmp_path):
-    transform = _transform_or_skip()
+    transform = _transform()
     reference = json.loads((FIXTURES / "reference_items.json").read_text(encoding="utf-8"))
     _assert_same_items(_our_items(_lmdb_from_dump(tmp_path), transform), reference)
 
 
 def test_our_lmdb_round_trips_through_the_dataset(tmp_path):
-    transform = _transform_or_skip()
+    transform = _transform()
     build_lmdb(FIXTURES / "raw", SPLITS, tmp_path)
     reference = json.loads((FIXTURES / "reference_items.json").read_text(encoding="utf-8"))
     _assert_same_items(_our_items(tmp_path, transform), reference)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REF_PYTHON.exists(), reason="reference venv not available")
+@needs_reference
 def test_reference_reader_reads_our_lmdb(tmp_path):
     import runpy
 
@@ -97,7 +98,8 @@ def test_reference_reader_reads_our_lmdb(tmp_path):
     build_lmdb(FIXTURES / "raw", SPLITS, tmp_path / "lmdb")
     out = subprocess.run(
         [str(REF_PYTHON), "-c", reader, str(tmp_path / "lmdb"), ",".join(SPLITS)],
-        cwd=tmp_path,  # outside the repo, so the reference imports its own cn_clip
+        cwd=tmp_path,  # outside the repo and without PYTHONPATH, so the reference imports its own cn_clip
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
         check=True,
         capture_output=True,
         text=True,
@@ -158,7 +160,6 @@ def test_dataset_refuses_a_malicious_pair(tmp_path):
 
 
 def test_bad_sample_policy(tmp_path):
-    pytest.importorskip("cn_clip.tokenizer")
     pairs = [formats.dumps_pair(5, 1, "缺图"), formats.dumps_pair("s1", 2, "有图")]
     path = _tiny_lmdb(tmp_path, pairs, {b"s1": b64(image_bytes()).encode()})
     strict = LMDBDataset(path, split="train", transform=lambda img: img.size)
@@ -214,7 +215,6 @@ def test_image_id_rules():
 
 
 def test_jsonl_text_dataset(tmp_path):
-    pytest.importorskip("cn_clip.tokenizer")
     path = tmp_path / "valid_texts.jsonl"
     path.write_text('{"text_id": 3, "text": "一只“猫”"}\n\n{"text_id": "x9", "text": "狗", "image_ids": []}\n', "utf-8")
     ds = JsonlTextDataset(path, context_length=8)
@@ -228,7 +228,6 @@ def test_jsonl_text_dataset(tmp_path):
 
 
 def test_synthetic_dataset_is_deterministic():
-    pytest.importorskip("torch")
     ds = SyntheticDataset(num_samples=4, image_size=16, context_length=10, seed=1)
     image, ids, eos = ds[2]
     again = SyntheticDataset(num_samples=4, image_size=16, context_length=10, seed=1)[2]
@@ -240,11 +239,11 @@ def test_synthetic_dataset_is_deterministic():
 
 
 def test_dataloader_workers_reopen_the_lmdb(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
+
     pairs = [formats.dumps_pair("s1", i, "x") for i in range(6)]
     path = _tiny_lmdb(tmp_path, pairs, {b"s1": b64(image_bytes()).encode()})
     ds = LMDBDataset(path, transform=lambda img: torch.zeros(1), max_txt_length=4)
     ds.read_pair(0)  # the parent has a handle open when the workers fork
-    pytest.importorskip("cn_clip.tokenizer")
     loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, multiprocessing_context="fork")
     assert [batch[1].shape for batch in loader] == [(3, 4), (3, 4)]

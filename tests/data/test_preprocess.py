@@ -106,8 +106,6 @@ def test_export_rejects_missing_source(tmp_path):
 
 
 def test_stats_on_a_tiny_split(tmp_path, capsys):
-    pytest.importorskip("jieba")
-    pytest.importorskip("cn_clip.tokenizer")
     texts = [
         {"text_id": 1, "text": "一只可爱的小猫", "image_ids": [1, 2]},
         {"text_id": 2, "text": "一只可爱的小猫", "image_ids": [2]},

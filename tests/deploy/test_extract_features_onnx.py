@@ -10,17 +10,14 @@ import pytest
 from cn_clip.deploy import onnx_export as O
 from cn_clip.eval.extract_features_onnx import main
 from cn_clip.eval.featio import read_features
-from tests.deploy.conftest import FIXTURES  # noqa: F401 - puts tests/fixtures on sys.path
+from tests.helpers import TINY_FLAGS
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-TINY_FLAGS = ["--vision-model", "ViT-Tiny", "--text-model", "BERT-Tiny-chinese"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, vit_model, vit_ckpt: Path) -> dict[str, Path]:
-    from tiny_eval_data import make_retrieval_dataset
-
-    root = make_retrieval_dataset(tmp_path_factory.mktemp("data"))
+def setup(tmp_path_factory: pytest.TempPathFactory, vit_model, vit_ckpt: Path, retrieval_data: Path) -> dict[str, Path]:
+    root = retrieval_data
     prefix = tmp_path_factory.mktemp("onnx") / "tiny"
     for kind in ("img", "txt"):
         O.export_encoder(vit_model, kind, prefix, precisions=("fp32",), check=False)

@@ -11,15 +11,13 @@ import torch
 
 from cn_clip.deploy import onnx_export as O
 from cn_clip.eval import features as F
-from tests.deploy.conftest import FIXTURES  # noqa: F401 - puts tests/fixtures on sys.path
+from tests.helpers import make_retrieval_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, vit_model) -> dict[str, Path]:
-    from tiny_eval_data import make_retrieval_dataset
-
     root = make_retrieval_dataset(tmp_path_factory.mktemp("data"))
     prefix = tmp_path_factory.mktemp("onnx") / "tiny"
     for kind in ("img", "txt"):

@@ -11,7 +11,7 @@ import torch
 
 from cn_clip.deploy import onnx_export as O
 from cn_clip.deploy.pytorch_to_onnx import main
-from tests.deploy.conftest import RN_TINY, VIT_TINY
+from tests.helpers import RN_TINY_ARCH, TINY_ARCH
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -23,7 +23,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def vit_files(tmp_path_factory: pytest.TempPathFactory, vit_ckpt: Path) -> Path:
     prefix = tmp_path_factory.mktemp("onnx") / "vit"
-    argv = ["--model-arch", VIT_TINY, "--pytorch-ckpt-path", str(vit_ckpt), "--save-onnx-path", str(prefix)]
+    argv = ["--model-arch", TINY_ARCH, "--pytorch-ckpt-path", str(vit_ckpt), "--save-onnx-path", str(prefix)]
     assert main([*argv, "--convert-text", "--convert-vision", "--int8"]) == 0
     return prefix
 
@@ -98,7 +98,7 @@ def test_reduced_precision_variants_run_within_threshold(vit_files: Path, vit_mo
 
 def test_resnet_export_dynamic_batch(tmp_path: Path, rn_ckpt: Path, rn_model) -> None:
     prefix = tmp_path / "rn"
-    argv = ["--model-arch", RN_TINY, "--pytorch-ckpt-path", str(rn_ckpt), "--save-onnx-path", str(prefix)]
+    argv = ["--model-arch", RN_TINY_ARCH, "--pytorch-ckpt-path", str(rn_ckpt), "--save-onnx-path", str(prefix)]
     assert main([*argv, "--convert-vision", "--convert-text", "--no-fp16"]) == 0
     image_session = O.create_session(O.onnx_path(prefix, "img", "fp32"))
     text_session = O.create_session(O.onnx_path(prefix, "txt", "fp32"))
@@ -135,7 +135,7 @@ def test_external_data_is_one_relocatable_file(tmp_path: Path, vit_model) -> Non
 def test_failed_parity_writes_nothing(tmp_path: Path, vit_ckpt: Path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(O.MIN_COSINE, "fp32", 1.5)
     prefix = tmp_path / "bad"
-    argv = ["--model-arch", VIT_TINY, "--pytorch-ckpt-path", str(vit_ckpt), "--save-onnx-path", str(prefix)]
+    argv = ["--model-arch", TINY_ARCH, "--pytorch-ckpt-path", str(vit_ckpt), "--save-onnx-path", str(prefix)]
     assert main([*argv, "--convert-vision", "--no-fp16"]) == 2
     assert "FAILED" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -150,7 +150,7 @@ def test_failed_parity_writes_nothing(tmp_path: Path, vit_ckpt: Path, monkeypatc
     ],
 )
 def test_cli_errors_are_one_line(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
-    assert main(["--model-arch", VIT_TINY, "--save-onnx-path", str(tmp_path / "x"), *extra]) == 2
+    assert main(["--model-arch", TINY_ARCH, "--save-onnx-path", str(tmp_path / "x"), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
 

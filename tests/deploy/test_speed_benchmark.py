@@ -11,7 +11,7 @@ import pytest
 from cn_clip.deploy import onnx_export as O
 from cn_clip.deploy.benchmark import TimingStats, time_calls
 from cn_clip.deploy.speed_benchmark import main
-from tests.deploy.conftest import VIT_TINY
+from tests.helpers import TINY_ARCH
 
 LINE = re.compile(
     r"^\[(?P<name>.+)\] mean=\d+\.\d\dms, sd=\d+\.\d\dms, min=\d+\.\d\dms, max=\d+\.\d\dms, "
@@ -31,7 +31,7 @@ def test_timing_stats_line_and_throughput() -> None:
 def test_cpu_run_covers_pytorch_and_onnx(tmp_path: Path, vit_ckpt: Path, vit_model, capsys) -> None:
     for kind in ("img", "txt"):
         O.export_encoder(vit_model, kind, tmp_path / "m", precisions=("fp32", "int8"), check=False)
-    argv = ["--model-arch", VIT_TINY, "--pytorch-ckpt", str(vit_ckpt), "--device", "cpu", "--n", "2"]
+    argv = ["--model-arch", TINY_ARCH, "--pytorch-ckpt", str(vit_ckpt), "--device", "cpu", "--n", "2"]
     argv += ["--warmup", "1", "--batch-size", "1", "3", "--pytorch-precision", "fp32", "bf16", "--threads", "1"]
     argv += ["--onnx-image-model", *(str(O.onnx_path(tmp_path / "m", "img", p)) for p in ("fp32", "int8"))]
     argv += ["--onnx-text-model", str(O.onnx_path(tmp_path / "m", "txt", "fp32"))]
@@ -50,7 +50,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys, monkeypatch) -> None:
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(["--model-arch", VIT_TINY, "--device", "cuda"]) == 2
+    assert main(["--model-arch", TINY_ARCH, "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
 
 
@@ -65,7 +65,7 @@ def test_optional_backends_fail_clearly(module: str, argv: list[str], message: s
     import importlib
 
     entry = importlib.import_module(module).main
-    assert entry(["--model-arch", VIT_TINY, *argv]) == 2
+    assert entry(["--model-arch", TINY_ARCH, *argv]) == 2
     assert message in capsys.readouterr().err
 
 

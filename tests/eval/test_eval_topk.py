@@ -154,7 +154,8 @@ def test_backend_resolution():
 
 @pytest.mark.gpu
 def test_cuda_backend_matches_cpu():
-    torch = pytest.importorskip("torch")
+    import torch
+
     if not torch.cuda.is_available():
         pytest.skip("no CUDA")
     queries, gallery = _tied(64, 16, 6), _tied(3000, 16, 7)

@@ -15,23 +15,18 @@ from cn_clip.eval import features as F
 from cn_clip.eval.extract_features import default_output_paths, main
 from cn_clip.eval.featio import read_features
 from cn_clip.runtime import DistEnv
-
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-sys.path.insert(0, str(FIXTURES))
-from fixture_weights import KEYS_DIR, read_key_shapes, reference_checkpoint  # noqa: E402
-from gen_extract_zeroshot_fixtures import materialise  # noqa: E402
-from tiny_eval_data import TINY_FLAGS, make_retrieval_dataset, tiny_checkpoint  # noqa: E402
+from tests.fixtures.fixture_weights import materialise
+from tests.helpers import FIXTURES, TINY_ARCH, TINY_FLAGS, save_reference_checkpoint
 
 GOLDEN = FIXTURES / "extract_zeroshot"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = make_retrieval_dataset(tmp_path_factory.mktemp("data"))
+def tiny(retrieval_data: Path, vit_ckpt: Path) -> dict[str, Path]:
     return {
-        "imgs": root / "lmdb" / "valid" / "imgs",
-        "texts": root / "valid_texts.jsonl",
-        "ckpt": tiny_checkpoint(root / "ckpt.pt"),
+        "imgs": retrieval_data / "lmdb" / "valid" / "imgs",
+        "texts": retrieval_data / "valid_texts.jsonl",
+        "ckpt": vit_ckpt,
     }
 
 
@@ -51,8 +46,7 @@ def test_matches_reference_extract_features(tmp_path: Path, capsys: pytest.Captu
     """Same checkpoint, images and texts as the reference run of gen_extract_zeroshot_fixtures.py."""
     inputs = json.loads((GOLDEN / "inputs.json").read_text(encoding="utf-8"))
     paths = materialise(inputs, tmp_path / "data")
-    ckpt = tmp_path / "ckpt.pt"
-    torch.save(reference_checkpoint(read_key_shapes(KEYS_DIR / "RN50@RBT3-chinese.tsv")), ckpt)
+    ckpt = save_reference_checkpoint("RN50@RBT3-chinese", tmp_path / "ckpt.pt")
     argv = [
         "--extract-image-feats", "--extract-text-feats", "--image-data", str(paths["imgs"]),
         "--text-data", str(paths["texts"]), "--img-batch-size", "3", "--text-batch-size", "2",
@@ -88,7 +82,7 @@ def test_outputs_normalised_in_file_order(tiny: dict[str, Path], tmp_path: Path)
     from cn_clip.data.lmdb_dataset import JsonlTextDataset
     from cn_clip.models.factory import create_model
 
-    model = create_model("ViT-Tiny@BERT-Tiny-chinese", checkpoint=tiny["ckpt"])
+    model = create_model(TINY_ARCH, checkpoint=tiny["ckpt"])
     dataset = JsonlTextDataset(tiny["texts"])
     with torch.no_grad():
         alone = np.stack([F.l2_normalize(model.encode_text(dataset[i][1][None]))[0] for i in range(len(dataset))])
@@ -120,7 +114,7 @@ def test_shards_merge_back_in_order(tiny: dict[str, Path]) -> None:
     from cn_clip.data.lmdb_dataset import JsonlTextDataset
     from cn_clip.models.factory import create_model
 
-    model = create_model("ViT-Tiny@BERT-Tiny-chinese", checkpoint=tiny["ckpt"])
+    model = create_model(TINY_ARCH, checkpoint=tiny["ckpt"])
     dataset = JsonlTextDataset(tiny["texts"])
     batches = F.length_grouped_batches([len(t) for _, t in dataset.records], 3)
     encoder = F.TorchEncoder(model.encode_text, "cpu")
@@ -143,7 +137,7 @@ def test_onnx_and_torch_encoders_are_interchangeable(tiny: dict[str, Path], tmp_
     from cn_clip.data.lmdb_dataset import LMDBImageDataset
     from cn_clip.models.factory import create_model
 
-    model = create_model("ViT-Tiny@BERT-Tiny-chinese", checkpoint=tiny["ckpt"])
+    model = create_model(TINY_ARCH, checkpoint=tiny["ckpt"])
 
     class ImageTower(torch.nn.Module):
         def __init__(self) -> None:

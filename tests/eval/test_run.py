@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +10,13 @@ import pytest
 
 from cn_clip.eval.featio import read_features
 from cn_clip.eval.run import main
-
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-sys.path.insert(0, str(FIXTURES))
-from tiny_eval_data import TINY_FLAGS, make_retrieval_dataset, tiny_checkpoint  # noqa: E402
+from tests.helpers import TINY_FLAGS, make_retrieval_dataset
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def evaluated(tmp_path_factory: pytest.TempPathFactory, vit_ckpt: Path) -> dict:
     root = make_retrieval_dataset(tmp_path_factory.mktemp("ds"), n_images=12, n_texts=16)
-    ckpt = tiny_checkpoint(root / "ckpt.pt", seed=1)
+    ckpt = vit_ckpt
     out = root / "out"
     argv = ["--data", str(root), "--split", "valid", "--resume", str(ckpt), "--output-dir", str(out)]
     code = main([*argv, "--num-workers", "0", "--no-progress", "--device", "cpu", *TINY_FLAGS])

@@ -4,7 +4,6 @@ template data, ELEVATER schema, errors."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,8 @@ import torch
 
 from cn_clip.eval import zeroshot as Z
 from cn_clip.eval.zeroshot_evaluation import main
-
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-sys.path.insert(0, str(FIXTURES))
-from fixture_weights import KEYS_DIR, read_key_shapes, reference_checkpoint  # noqa: E402
-from gen_extract_zeroshot_fixtures import materialise  # noqa: E402
-from tiny_eval_data import TINY_ARCH, TINY_FLAGS, make_class_folder, tiny_checkpoint  # noqa: E402
+from tests.fixtures.fixture_weights import materialise
+from tests.helpers import FIXTURES, TINY_ARCH, TINY_FLAGS, make_class_folder, save_reference_checkpoint
 
 GOLDEN = FIXTURES / "extract_zeroshot"
 LABELS = ("猫", "狗", "汽车", "“Apple”手机", "红色的连衣裙", "蓝天")
@@ -29,9 +24,9 @@ SCHEMA_KEYS = [
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def folder(tmp_path_factory: pytest.TempPathFactory, vit_ckpt: Path) -> dict[str, Path]:
     root = make_class_folder(tmp_path_factory.mktemp("zs"), LABELS, per_class=2)
-    return {"root": root, "ckpt": tiny_checkpoint(root / "ckpt.pt", seed=3)}
+    return {"root": root, "ckpt": vit_ckpt}
 
 
 def _run(folder: dict[str, Path], out: Path, *extra: str) -> int:
@@ -133,8 +128,7 @@ def test_matches_reference_zeroshot_evaluation(tmp_path: Path, capsys) -> None:
     """The reference's output JSON and top-1 for the same RN50 checkpoint, folder, labels and index.json."""
     inputs = json.loads((GOLDEN / "inputs.json").read_text(encoding="utf-8"))
     paths = materialise(inputs, tmp_path / "data")
-    ckpt = tmp_path / "ckpt.pt"
-    torch.save(reference_checkpoint(read_key_shapes(KEYS_DIR / "RN50@RBT3-chinese.tsv")), ckpt)
+    ckpt = save_reference_checkpoint("RN50@RBT3-chinese", tmp_path / "ckpt.pt")
     argv = [
         "--vision-model", "RN50", "--text-model", "RBT3-chinese", "--precision", "fp32",
         "--label-file", str(paths["labels"]), "--datapath", str(paths["folder"]), "--dataset", "food-101",

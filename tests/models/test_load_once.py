@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,7 @@ import torch
 import cn_clip.weights
 from cn_clip.errors import CheckpointError
 from cn_clip.models.factory import create_model, load_checkpoint_into, load_from_name
-
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-sys.path.insert(0, str(FIXTURES))
-from fixture_weights import KEYS_DIR, fixture_images, read_key_shapes, reference_checkpoint  # noqa: E402
+from tests.fixtures.fixture_weights import KEYS_DIR, fixture_images, read_key_shapes, reference_checkpoint
 
 ARCHS = ["ViT-Tiny@BERT-Tiny-chinese", "RN-Tiny@BERT-Tiny-chinese", "RN50@RBT3-chinese"]
 TINY = ARCHS[0]

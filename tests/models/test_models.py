@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +11,10 @@ from cn_clip.models.clip_model import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
 from cn_clip.models.factory import create_model
 from cn_clip.models.registry import get_model_config
 from cn_clip.models.vit import flip_keep_count, random_patch_masking
+from tests.fixtures.fixture_weights import KEYS_DIR
+from tests.helpers import RN_TINY_ARCH, TINY_ARCH
 
-KEYS_DIR = Path(__file__).parents[1] / "fixtures" / "state_dict_keys"
-TINY = ["ViT-Tiny@BERT-Tiny-chinese", "RN-Tiny@BERT-Tiny-chinese"]
+TINY = [TINY_ARCH, RN_TINY_ARCH]
 # Parameter counts of the released architectures (docs/compatibility.md#model-sizes).
 PARAMS = {
     "ViT-B-16@RoBERTa-wwm-ext-base-chinese": 188_262_913,
@@ -49,7 +49,7 @@ def test_shapes_and_normalisation(arch: str) -> None:
 
 
 def test_text_padding_does_not_change_features() -> None:
-    model = create_model("ViT-Tiny@BERT-Tiny-chinese")
+    model = create_model(TINY_ARCH)
     ids = _ids()
     padded = torch.cat([ids, torch.zeros(2, 44, dtype=torch.long)], dim=1)
     with torch.no_grad():
@@ -71,13 +71,13 @@ def test_flip_keeps_floor_of_patches_plus_cls(length: int, ratio: float, kept: i
 
 
 def test_flip_in_model_and_rejected_for_resnet() -> None:
-    vit = create_model("ViT-Tiny@BERT-Tiny-chinese")
+    vit = create_model(TINY_ARCH)
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         masked = vit.encode_image(images, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
     assert masked.shape == (2, 64)
     with pytest.raises(ValueError, match="only defined for ViT"):
-        create_model("RN-Tiny@BERT-Tiny-chinese").encode_image(images, mask_ratio=0.5)
+        create_model(RN_TINY_ARCH).encode_image(images, mask_ratio=0.5)
     with pytest.raises(ValueError, match="mask_ratio"):
         vit.encode_image(images, mask_ratio=1.0)
 
@@ -109,7 +109,7 @@ def test_grad_checkpointing_gives_equal_gradients(arch: str) -> None:
 
 
 def test_logit_scale_init_and_clamp() -> None:
-    model = create_model("ViT-Tiny@BERT-Tiny-chinese")
+    model = create_model(TINY_ARCH)
     assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_INIT)
     with torch.no_grad():
         model.logit_scale.fill_(9.0)
@@ -140,7 +140,7 @@ def test_state_dict_keys_equal_reference(arch: str) -> None:
 
 
 def test_mixed_precision_keeps_reference_fp32_parts() -> None:
-    model = create_model("ViT-Tiny@BERT-Tiny-chinese", precision="fp16")
+    model = create_model(TINY_ARCH, precision="fp16")
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     assert dtypes["logit_scale"] == torch.float32
     assert dtypes["visual.class_embedding"] == torch.float32

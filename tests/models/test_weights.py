@@ -13,14 +13,13 @@ from cn_clip.errors import CheckpointError, ConfigError
 from cn_clip.models.factory import create_model, load, load_checkpoint_into
 from cn_clip.models.registry import get_model_config
 from cn_clip.weights import convert_state_dict, read_checkpoint
-
-ARCH = "ViT-Tiny@BERT-Tiny-chinese"
+from tests.helpers import RN_TINY_ARCH, TINY_ARCH
 
 
 @pytest.fixture(scope="module")
 def source_model():
     torch.manual_seed(3)
-    return create_model(ARCH)
+    return create_model(TINY_ARCH)
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -36,7 +35,7 @@ def test_reference_layout_loads(tmp_path: Path, source_model, prefix: str, with_
         state[f"{prefix}bert.pooler.dense.bias"] = torch.zeros(64)
     path = tmp_path / "ckpt.pt"
     torch.save({"epoch": 3, "step": 40, "name": "x", "state_dict": state}, path)
-    target = create_model(ARCH)
+    target = create_model(TINY_ARCH)
     meta = load_checkpoint_into(target, path)
     assert meta == {"epoch": 3, "step": 40, "name": "x"}
     assert _same(source_model, target)
@@ -45,7 +44,7 @@ def test_reference_layout_loads(tmp_path: Path, source_model, prefix: str, with_
 def test_flash_layout_round_trip(source_model) -> None:
     flash = convert_state_dict({f"module.{k}": v for k, v in source_model.state_dict().items()})
     assert any(".Wqkv." in k for k in flash) and all(k.startswith("module.") for k in flash)
-    target = create_model(ARCH)
+    target = create_model(TINY_ARCH)
     load_checkpoint_into(target, {"state_dict": flash})
     assert _same(source_model, target)
 
@@ -55,7 +54,7 @@ def test_safetensors_checkpoint(tmp_path: Path, source_model) -> None:
 
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in source_model.state_dict().items()}, str(path))
-    target = create_model(ARCH, checkpoint=path)
+    target = create_model(TINY_ARCH, checkpoint=path)
     assert _same(source_model, target)
 
 
@@ -80,12 +79,12 @@ def _edit(state: dict, case: str) -> dict:
 )
 def test_strict_errors_name_the_key(source_model, case: str, message: str) -> None:
     with pytest.raises(CheckpointError, match=message):
-        load_checkpoint_into(create_model(ARCH), {"state_dict": _edit(source_model.state_dict(), case)})
+        load_checkpoint_into(create_model(TINY_ARCH), {"state_dict": _edit(source_model.state_dict(), case)})
 
 
 def test_wrong_architecture_is_reported(source_model) -> None:
-    with pytest.raises(CheckpointError, match="does not fit RN-Tiny@BERT-Tiny-chinese"):
-        create_model("RN-Tiny@BERT-Tiny-chinese", checkpoint={"state_dict": source_model.state_dict()})
+    with pytest.raises(CheckpointError, match=f"does not fit {RN_TINY_ARCH}"):
+        create_model(RN_TINY_ARCH, checkpoint={"state_dict": source_model.state_dict()})
 
 
 class _Evil:
@@ -131,17 +130,17 @@ def test_partial_init_from_flat_dicts(tmp_path: Path, source_model) -> None:
     clip_path, bert_path = tmp_path / "clip.pt", tmp_path / "bert.pt"
     torch.save({k: v for k, v in state.items() if k.startswith("visual") or k == "logit_scale"}, clip_path)
     torch.save({k: v for k, v in state.items() if k.startswith("bert")}, bert_path)
-    target = load(create_model(ARCH), "cpu", clip_path=str(clip_path), bert_path=str(bert_path))
+    target = load(create_model(TINY_ARCH), "cpu", clip_path=str(clip_path), bert_path=str(bert_path))
     for key, value in state.items():
         if key != "text_projection":
             assert torch.equal(target.state_dict()[key], value), key
     torch.save({"visual.nope": torch.zeros(1)}, clip_path)
     with pytest.raises(CheckpointError, match="visual.nope"):
-        load(create_model(ARCH), "cpu", clip_path=str(clip_path))
+        load(create_model(TINY_ARCH), "cpu", clip_path=str(clip_path))
 
 
 def test_position_embedding_resized_for_new_resolution(source_model) -> None:
-    model = create_model(ARCH, checkpoint={"state_dict": source_model.state_dict()}, input_resolution=96)
+    model = create_model(TINY_ARCH, checkpoint={"state_dict": source_model.state_dict()}, input_resolution=96)
     assert model.visual.positional_embedding.shape == (37, 64)
     assert torch.equal(model.visual.positional_embedding[0], source_model.visual.positional_embedding[0])
 

@@ -3,7 +3,6 @@ tests/fixtures/gen_model_fixtures.py with the reference package)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +10,10 @@ import pytest
 import torch
 
 from cn_clip.models.factory import load_from_name
+from tests.fixtures.fixture_weights import fixture_images
+from tests.helpers import FIXTURES, RN_TINY_ARCH, TINY_ARCH, save_reference_checkpoint
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-sys.path.insert(0, str(FIXTURES))
-from fixture_weights import KEYS_DIR, fixture_images, read_key_shapes, reference_checkpoint  # noqa: E402
-
-FAST = ["ViT-Tiny@BERT-Tiny-chinese", "RN-Tiny@BERT-Tiny-chinese", "RN50@RBT3-chinese"]
+FAST = [TINY_ARCH, RN_TINY_ARCH, "RN50@RBT3-chinese"]
 SLOW = [
     "ViT-B-16@RoBERTa-wwm-ext-base-chinese",
     "ViT-L-14@RoBERTa-wwm-ext-base-chinese",
@@ -28,8 +25,7 @@ TOLERANCE = 1e-5
 
 def _check(arch: str, tmp_path: Path, by_inference: bool = False) -> None:
     golden = np.load(FIXTURES / "model_parity" / f"{arch}.npz")
-    path = tmp_path / "ckpt.pt"
-    torch.save(reference_checkpoint(read_key_shapes(KEYS_DIR / f"{arch}.tsv")), path)
+    path = save_reference_checkpoint(arch, tmp_path / "ckpt.pt")
     vision, text = arch.split("@")
     resolution = int(golden["resolution"])
     names = {} if by_inference else {"vision_model_name": vision, "text_model_name": text}
@@ -50,7 +46,7 @@ def test_features_match_reference(arch: str, tmp_path: Path) -> None:
 
 
 def test_architecture_inferred_from_shapes(tmp_path: Path) -> None:
-    _check("ViT-Tiny@BERT-Tiny-chinese", tmp_path, by_inference=True)
+    _check(TINY_ARCH, tmp_path, by_inference=True)
 
 
 @pytest.mark.slow

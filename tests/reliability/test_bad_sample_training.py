@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from cn_clip.cli.runner import run_cli
+from tests.helpers import TINY_FLAGS
 
 pytestmark = pytest.mark.reliability
 
@@ -39,7 +40,7 @@ def corrupted_lmdb(tmp_path_factory) -> Path:
 
 def _argv(lmdb: Path, logs: Path, *extra: str) -> list[str]:
     return [
-        "--train-data", str(lmdb), "--vision-model", "ViT-Tiny", "--text-model", "BERT-Tiny-chinese",
+        "--train-data", str(lmdb), *TINY_FLAGS,
         "--batch-size", "4", "--num-workers", "0", "--logs", str(logs), "--name", "bad", "--max-steps", "2",
         "--precision", "fp32", "--warmup", "1", *extra,
     ]  # fmt: skip

@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.helpers import TINY_ARCH, TINY_FLAGS
 
 pytestmark = pytest.mark.reliability
 
@@ -19,9 +20,7 @@ GARBAGE = "this is {not json\n"
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, Path]:
-    from cn_clip.models.factory import create_model
-
+def inputs(tmp_path_factory, vit_ckpt: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     raw = root / "raw"
     raw.mkdir()
@@ -31,9 +30,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     garbage.write_text(GARBAGE, encoding="utf-8")
     not_a_ckpt = root / "not_a_checkpoint.pt"
     not_a_ckpt.write_bytes(random.Random(0).randbytes(2048))  # fixed bytes: a reproducible failure
-    ckpt = root / "tiny.pt"
-    model = create_model("ViT-Tiny@BERT-Tiny-chinese")
-    torch.save({"epoch": 1, "step": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    ckpt = vit_ckpt
     captions = root / "captions.csv"
     captions.write_text("path_without_caption_column\nx.jpg\n", encoding="utf-8")
     feats = root / "feats.jsonl"
@@ -47,9 +44,6 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
         "captions": captions,
         "feats": feats,
     }
-
-
-TINY = ["--vision-model", "ViT-Tiny", "--text-model", "BERT-Tiny-chinese"]
 
 
 def _cases(p: dict[str, Path]) -> dict[str, list[str]]:
@@ -93,7 +87,7 @@ def _cases(p: dict[str, Path]) -> dict[str, list[str]]:
             str(p["garbage"]),
             "--resume",
             str(p["ckpt"]),
-            *TINY,
+            *TINY_FLAGS,
         ],
         "extract_bad_ckpt": [
             "cn_clip.eval.extract_features",
@@ -102,7 +96,7 @@ def _cases(p: dict[str, Path]) -> dict[str, list[str]]:
             str(p["garbage"]),
             "--resume",
             str(p["bad_ckpt"]),
-            *TINY,
+            *TINY_FLAGS,
         ],
         "zeroshot": [
             "cn_clip.eval.zeroshot_evaluation",
@@ -112,14 +106,14 @@ def _cases(p: dict[str, Path]) -> dict[str, list[str]]:
             str(p["garbage"]),
             "--resume",
             str(p["ckpt"]),
-            *TINY,
+            *TINY_FLAGS,
         ],
-        "run": ["cn_clip.eval.run", "--data", str(root / "no_such_dataset"), "--resume", str(p["ckpt"]), *TINY],
-        "train": ["cn_clip.training.main", "--train-data", str(root / "no_such_lmdb"), "--logs", "none", *TINY],
+        "run": ["cn_clip.eval.run", "--data", str(root / "no_such_dataset"), "--resume", str(p["ckpt"]), *TINY_FLAGS],
+        "train": ["cn_clip.training.main", "--train-data", str(root / "no_such_lmdb"), "--logs", "none", *TINY_FLAGS],
         "onnx": [
             "cn_clip.deploy.pytorch_to_onnx",
             "--model-arch",
-            "ViT-Tiny@BERT-Tiny-chinese",
+            TINY_ARCH,
             "--pytorch-ckpt-path",
             str(p["bad_ckpt"]),
             "--save-onnx-path",

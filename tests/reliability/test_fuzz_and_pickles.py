@@ -14,6 +14,7 @@ from PIL import Image
 
 from cn_clip.cli.runner import run_cli
 from cn_clip.errors import CnClipError, DataError
+from tests.helpers import TINY_ARCH, TINY_FLAGS
 
 pytestmark = pytest.mark.reliability
 MARKER = Path("/tmp/cn_clip_pickle_ran")
@@ -82,7 +83,7 @@ def test_library_loaders_refuse_code(evil_checkpoint: Path) -> None:
     with pytest.raises(CnClipError, match="refused to unpickle"):
         load_from_name(str(evil_checkpoint), device="cpu")
     with pytest.raises(CnClipError, match="refused to unpickle"):
-        create_model("ViT-Tiny@BERT-Tiny-chinese", checkpoint=evil_checkpoint)
+        create_model(TINY_ARCH, checkpoint=evil_checkpoint)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +95,7 @@ def test_library_loaders_refuse_code(evil_checkpoint: Path) -> None:
         [
             "cn_clip.deploy.pytorch_to_onnx",
             "--model-arch",
-            "ViT-Tiny@BERT-Tiny-chinese",
+            TINY_ARCH,
             "--pytorch-ckpt-path",
             "{ckpt}",
             "--save-onnx-path",
@@ -112,7 +113,7 @@ def test_cli_loaders_refuse_code(evil_checkpoint: Path, tmp_path: Path, argv: li
     values = {"ckpt": evil_checkpoint, "texts": texts, "lmdb": tmp_path, "out": tmp_path / "out"}
     args = [a.format(**values) for a in argv[1:]]
     if argv[0] in ("cn_clip.eval.extract_features", "cn_clip.training.main"):
-        args += ["--vision-model", "ViT-Tiny", "--text-model", "BERT-Tiny-chinese"]
+        args += TINY_FLAGS
     module = importlib.import_module(argv[0])
     main = module.main
     try:

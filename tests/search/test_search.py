@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +11,13 @@ import pytest
 
 from cn_clip.eval.featio import read_features
 from cn_clip.search.__main__ import main
-
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-sys.path.insert(0, str(FIXTURES))
-from tiny_eval_data import TINY_FLAGS, make_retrieval_dataset, png_bytes, tiny_checkpoint  # noqa: E402
+from tests.helpers import TINY_ARCH, TINY_FLAGS, make_retrieval_dataset, png_bytes
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def built(tmp_path_factory: pytest.TempPathFactory, vit_ckpt: Path) -> dict[str, Path]:
     root = make_retrieval_dataset(tmp_path_factory.mktemp("search"))
-    ckpt = tiny_checkpoint(root / "ckpt.pt", seed=2)
+    ckpt = vit_ckpt
     folder = root / "photos"
     for i in range(5):
         (folder / ("sub" if i % 2 else "")).mkdir(parents=True, exist_ok=True)
@@ -69,7 +65,7 @@ def test_folder_index_and_image_query(built: dict[str, Path], capsys: pytest.Cap
     ids = json.loads((idx / "ids.json").read_text())
     assert ids == ["p0.png", "p2.png", "p4.png", "sub/p1.png", "sub/p3.png"]
     meta = json.loads((idx / "meta.json").read_text())
-    assert meta["architecture"] == "ViT-Tiny@BERT-Tiny-chinese" and meta["count"] == 5 and meta["dim"] == 64
+    assert meta["architecture"] == TINY_ARCH and meta["count"] == 5 and meta["dim"] == 64
     hits = _query(capsys, "--index", str(idx), "--image", str(built["folder"] / "sub" / "p3.png"), "--top-k", "10")
     assert len(hits) == 5 and hits[0]["id"] == "sub/p3.png" and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert hits[0]["path"] == str((built["folder"] / "sub" / "p3.png").resolve())

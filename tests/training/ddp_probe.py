@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.training.helpers import fixture_model  # noqa: E402
+from tests.helpers import fixture_model
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.helpers import REPO, tiny_args
+from tests.helpers import REPO
+from tests.training.helpers import tiny_args
 
 pytestmark = pytest.mark.slow
 DEEPSPEED = REPO / ".venv" / "bin" / "deepspeed"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.helpers import REPO, latest_state, tiny_args
+from tests.helpers import REPO
+from tests.training.helpers import latest_state, tiny_args
 
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).with_name("ddp_probe.py")

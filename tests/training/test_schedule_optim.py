@@ -10,7 +10,7 @@ import torch
 
 from cn_clip.training.optim import default_hparams, param_groups, split_decay
 from cn_clip.training.schedule import constant_lr, cosine_lr
-from tests.training.helpers import FIXTURES
+from tests.helpers import FIXTURES, TINY_ARCH
 
 GOLDEN = FIXTURES / "training"
 
@@ -49,7 +49,7 @@ def test_spec_counts() -> None:
 
 
 def test_role_groups() -> None:
-    model = _meta_model("ViT-Tiny@BERT-Tiny-chinese")
+    model = _meta_model(TINY_ARCH)
     no_decay, decay = split_decay(model, "role")
     assert "bert.encoder.layer.0.attention.output.LayerNorm.weight" in no_decay  # decayed by the reference
     assert "bert.embeddings.word_embeddings.weight" in no_decay
@@ -60,7 +60,7 @@ def test_role_groups() -> None:
 
 
 def test_frozen_parameters_left_out() -> None:
-    model = _meta_model("ViT-Tiny@BERT-Tiny-chinese")
+    model = _meta_model(TINY_ARCH)
     model.visual.requires_grad_(False)
     assert not any(n.startswith("visual.") for g in split_decay(model) for n in g)
 

@@ -11,7 +11,8 @@ from cn_clip.cli.runner import run_cli
 from cn_clip.errors import CheckpointError
 from cn_clip.training import loop
 from cn_clip.training.main import main
-from tests.training.helpers import FIXTURES, TINY, latest_state, tiny_args, train
+from tests.helpers import FIXTURES, TINY_ARCH
+from tests.training.helpers import latest_state, tiny_args, train
 
 
 class _Killed(Exception):
@@ -91,21 +92,14 @@ def test_missing_resume_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "nope.pt: no such checkpoint file" in capsys.readouterr().err
 
 
-def test_mismatched_resume_names_keys(tmp_path: Path) -> None:
-    from fixture_weights import KEYS_DIR, read_key_shapes, reference_checkpoint
-
-    path = tmp_path / "rn.pt"
-    torch.save(reference_checkpoint(read_key_shapes(KEYS_DIR / "RN-Tiny@BERT-Tiny-chinese.tsv")), path)
+def test_mismatched_resume_names_keys(tmp_path: Path, rn_ckpt: Path) -> None:
     with pytest.raises(CheckpointError, match="missing keys: .*unexpected keys"):
-        train(tiny_args(tmp_path, "--resume", str(path)))
+        train(tiny_args(tmp_path, "--resume", str(rn_ckpt)))
 
 
-def test_released_style_file_resumes_without_optimizer(tmp_path: Path) -> None:
-    from fixture_weights import KEYS_DIR, read_key_shapes, reference_checkpoint
-
-    path = tmp_path / "released.pt"
-    torch.save(reference_checkpoint(read_key_shapes(KEYS_DIR / f"{TINY}.tsv")), path)  # no optimizer
-    result = train(tiny_args(tmp_path, "--resume", str(path), "--reset-data-offset", "--reset-optimizer", steps=2))
+def test_released_style_file_resumes_without_optimizer(tmp_path: Path, vit_ckpt: Path) -> None:
+    argv = tiny_args(tmp_path, "--resume", str(vit_ckpt), "--reset-data-offset", "--reset-optimizer", steps=2)
+    result = train(argv)  # vit_ckpt has no optimizer state, like a released file
     assert len(result["losses"]) == 2
 
 
@@ -120,7 +114,7 @@ def test_frozen_tower_is_bit_identical(tmp_path: Path, flag: str, frozen: str) -
     from cn_clip.models.factory import create_model
 
     torch.manual_seed(123)  # what the trainer does before building the model (seed 123, rank 0)
-    initial = create_model(TINY).state_dict()
+    initial = create_model(TINY_ARCH).state_dict()
     train(tiny_args(tmp_path, flag, steps=2))
     state = {k.removeprefix("module."): v for k, v in latest_state(tmp_path).items()}
     same = [k for k in state if k.startswith(frozen)]
@@ -168,11 +162,8 @@ def test_fixture_dir_exists() -> None:
     assert (FIXTURES / "training" / "steps.npz").is_file()
 
 
-def test_distillation_with_a_local_teacher(tmp_path: Path) -> None:
-    from fixture_weights import KEYS_DIR, read_key_shapes, reference_checkpoint
-
-    teacher = tmp_path / "teacher.pt"
-    torch.save(reference_checkpoint(read_key_shapes(KEYS_DIR / "RN-Tiny@BERT-Tiny-chinese.tsv")), teacher)
+def test_distillation_with_a_local_teacher(tmp_path: Path, rn_ckpt: Path) -> None:
+    teacher = rn_ckpt
     result = train(tiny_args(tmp_path, "--distillation", "--teacher-model-name", str(teacher), steps=2))
     assert len(result["losses"]) == 2
     log = next((tmp_path / "run").glob("out_*.log")).read_text()

@@ -1,0 +1,1 @@
+"""The test suite is a package: test modules import shared code as ``tests.helpers`` / ``tests.fixtures.…``."""
