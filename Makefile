@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow test-all lint format demo bench clean-venv
+.PHONY: venv refvenv test test-slow test-all lint format demo bench clean-venv
 
 venv: $(STAMP)
 
@@ -31,8 +31,22 @@ test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Everything the default suite leaves out (slow, reliability); CI runs it after `make test`.
+# Tests that run the reference itself read CN_CLIP_REF_PYTHON; `make refvenv` provides one in .refvenv.
+REF_VENV := .refvenv
+REF_PY := $(REF_VENV)/bin/python
+export CN_CLIP_REF_PYTHON ?= $(if $(wildcard $(REF_PY)),$(CURDIR)/$(REF_PY))
+
 test-slow: venv
 	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+
+# The reference (cn-clip 1.6.0) in its own venv: its module is also named cn_clip, so it never shares .venv.
+refvenv: $(REF_VENV)/.installed
+
+$(REF_VENV)/.installed:
+	test -x $(REF_PY) || $(PYTHON) -m venv $(REF_VENV)
+	$(REF_PY) -m pip install $(TORCH_PINS)
+	$(REF_PY) -m pip install cn-clip==1.6.0 jieba
+	touch $@
 
 test-all: test test-slow
 
