@@ -77,6 +77,13 @@ def _jsonl_rows(path: str, text: str) -> Iterator[tuple[int, dict]]:
         yield line_no, obj
 
 
+def _id(value: Any, default: str) -> formats.Id:
+    """An id column's value: JSON ints stay ints, CSV text that is a canonical decimal becomes one (as LMDB keys)."""
+    if value is None or value == "":
+        return default
+    return formats.image_id_from_key(value, "auto") if isinstance(value, str) else value
+
+
 def read_records(
     path: str, img_key: str = DEFAULT_IMG_KEY, caption_key: str = DEFAULT_CAPTION_KEY, separator: str | None = None
 ) -> list[tuple[str, formats.Id, formats.Id, str]]:
@@ -101,9 +108,9 @@ def read_records(
         if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions) or not captions:
             raise DataError(f"{path}:{line_no}: {caption_key!r} must be a caption or a list of captions")
         location = resolve(path, str(row[img_key]))
-        image_id = row.get("image_id") or str(row[img_key])
+        image_id = _id(row.get("image_id"), str(row[img_key]))
         for position, caption in enumerate(captions):
-            text_id = row.get("text_id") or (f"{line_no}" if len(captions) == 1 else f"{line_no}:{position}")
+            text_id = _id(row.get("text_id"), f"{line_no}" if len(captions) == 1 else f"{line_no}:{position}")
             records.append((location, image_id, text_id, caption))
     if not records:
         raise DataError(f"{path}: the list holds no image-caption pairs")

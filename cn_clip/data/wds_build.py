@@ -136,7 +136,8 @@ class ShardWriter:
 
     def write(self, key: str, ext: str, image: bytes, meta: dict) -> None:
         current = self.shards[-1] if self.shards else None
-        size = len(image) + 1536
+        payload = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        size = _tar_bytes(image) + _tar_bytes(payload)
         full = current is not None and (
             current.count >= self.max_count
             or (self.max_bytes and current.count and current.bytes + size > self.max_bytes)
@@ -144,11 +145,10 @@ class ShardWriter:
         if self._tar is None or full:
             self.close()
             self._open()
-        payload = json.dumps(meta, ensure_ascii=False).encode("utf-8")
         self._tar.write({"__key__": key, ext: image, "json": payload})
         shard = self.shards[-1]
         shard.count += 1
-        shard.bytes = self._file.tell()
+        shard.bytes += size  # tarfile buffers: the file's size lags
 
     def close(self) -> None:
         if self._tar is None:
@@ -161,11 +161,18 @@ class ShardWriter:
         self._tar = self._file = self._tmp = None
 
     def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()  # what tarfile still buffers goes to the temporary file, removed below
         if self._file is not None:
             self._file.close()
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
         self._tar = self._file = self._tmp = None
+
+
+def _tar_bytes(data: bytes) -> int:
+    """A member's share of a tar file: a 512-byte header plus its data padded to 512 bytes."""
+    return 512 + -(-len(data) // 512) * 512
 
 
 def _extension(raw: bytes) -> str:
