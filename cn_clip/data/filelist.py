@@ -54,6 +54,18 @@ def resolve(base: str, path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(base)), path)
 
 
+def open_image(location: str, image_id: Any) -> Any:
+    """The PIL image at a path or URL; DataError naming the id when it is missing or not an image."""
+    from PIL import Image
+
+    try:
+        return Image.open(io.BytesIO(read_bytes(location)))
+    except FileNotFoundError:
+        raise DataError(f"image_id {image_id}: {location} not found") from None
+    except OSError as exc:
+        raise DataError(f"image_id {image_id}: cannot open {location} ({type(exc).__name__}: {exc})") from None
+
+
 def default_separator(path: str) -> str:
     return "\t" if path.lower().split("?")[0].endswith(".tsv") else ","
 
@@ -150,15 +162,7 @@ class FileListDataset(PairReader):
         return image_id, text_id, text
 
     def read_image(self, image_id: formats.Id, location: str | None = None) -> Any:
-        from PIL import Image
-
-        location = location or str(image_id)
-        try:
-            return Image.open(io.BytesIO(read_bytes(location)))
-        except FileNotFoundError:
-            raise DataError(f"image_id {image_id}: {location} not found") from None
-        except OSError as exc:
-            raise DataError(f"image_id {image_id}: cannot open {location} ({type(exc).__name__}: {exc})") from None
+        return open_image(location or str(image_id), image_id)
 
     def _load(self, sample: int) -> tuple[Any, Any, int]:
         location, image_id, _text_id, text = self.records[sample]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cn_clip.cli.args import (
@@ -23,6 +23,7 @@ from cn_clip.cli.args import (
     add_resume_arg,
 )
 from cn_clip.cli.runner import run_cli, setup_logging
+from cn_clip.data.sources import add_source_args, image_dataset, source_options
 from cn_clip.errors import ConfigError
 from cn_clip.eval import features as F
 
@@ -49,6 +50,7 @@ def add_feature_io_args(parser: argparse.ArgumentParser, default_batch_size: int
     )
     parser.add_argument("--img-batch-size", type=int, default=default_batch_size, help="image batch size")
     parser.add_argument("--text-batch-size", type=int, default=default_batch_size, help="text batch size")
+    add_source_args(parser.add_argument_group("image sources (docs/data.md)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,15 +88,15 @@ class ExtractOptions:
     npy_dtype: str = "float32"
     image_id_type: str = "auto"
     progress: bool = True
+    source: dict = field(default_factory=dict)  # --dataset-type and file-list columns (data/sources.py)
 
 
 def extract_images(
     model: Any, image_data: str, output: str | None, opts: ExtractOptions, device: str, precision: str, shard: F.Shard
 ) -> F.Extracted | None:
     """Image features of an imgs LMDB in key order; written to ``output`` (if given) by rank 0 and returned there."""
-    from cn_clip.data.lmdb_dataset import LMDBImageDataset
-
-    dataset = LMDBImageDataset(image_data, resolution=model.cfg.vision.image_resolution, id_type=opts.image_id_type)
+    resolution = model.cfg.vision.image_resolution
+    dataset = image_dataset(image_data, resolution=resolution, id_type=opts.image_id_type, **opts.source)
     batches = F.shard(F.sequential_batches(len(dataset), opts.img_batch_size), shard.rank, shard.world_size)
     loader = F.make_loader(dataset, batches, opts.num_workers, pin_memory=device.startswith("cuda"))
     encoder = F.TorchEncoder(model.encode_image, device, precision)
@@ -163,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         npy_dtype=args.npy_dtype,
         image_id_type=args.image_id_type,
         progress=not args.no_progress,
+        source=source_options(args),
     )
     if args.extract_text_feats:
         if shard.is_primary:

@@ -84,12 +84,12 @@ def extract_texts(args: argparse.Namespace, output: str) -> int:
 
 
 def extract_images(args: argparse.Namespace, output: str) -> int:
-    from cn_clip.data.lmdb_dataset import LMDBImageDataset
+    from cn_clip.data.sources import image_dataset, source_options
     from cn_clip.eval import features as F
     from cn_clip.models.registry import get_model_config
 
     resolution = get_model_config(f"{args.vision_model}@{args.text_model}").vision.image_resolution
-    dataset = LMDBImageDataset(args.image_data, resolution=resolution, id_type=args.image_id_type)
+    dataset = image_dataset(args.image_data, resolution=resolution, id_type=args.image_id_type, **source_options(args))
     loader = F.make_loader(dataset, F.sequential_batches(len(dataset), args.img_batch_size), args.num_workers)
     part = F.extract_features(_encoder(args.onnx_image_model, args.device), loader, progress=not args.no_progress)
     F.write_features(output, part, "image_id")

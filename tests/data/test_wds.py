@@ -318,3 +318,28 @@ def test_jsonl_list_with_several_captions(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("path,caption\na.png,x\n", "utf-8")
     with pytest.raises(DataError, match=r"bad.csv:2: no 'filepath' value \(columns: path, caption"):
         FileListDataset(str(tmp_path / "bad.csv"))
+
+
+def test_extraction_reads_the_same_images_from_every_source(built: Path, tmp_path: Path) -> None:
+    from cn_clip.data.sources import image_dataset
+
+    def items(path: str, **kw) -> dict:
+        dataset = image_dataset(path, resolution=32, **kw)
+        return dict(dataset[i] for i in range(len(dataset)))
+
+    lmdb = items(str(built / "lmdb" / "train" / "imgs"))
+    assert len(lmdb) == N_IMAGES and list(lmdb) == list(items(str(built / "lmdb" / "train")))
+    for other in (items(_train_shards(built)), items(str(built / "train.csv"), dataset_type="csv")):
+        assert other.keys() == lmdb.keys() and all(torch.equal(other[k], lmdb[k]) for k in lmdb)
+
+    from tiny_eval_data import TINY_FLAGS, tiny_checkpoint
+
+    from cn_clip.eval.extract_features import main
+
+    (tmp_path / "t.jsonl").write_text('{"text_id": 1, "text": "猫"}\n', "utf-8")
+    out = tmp_path / "feats.jsonl"
+    argv = ["--extract-image-feats", "--image-data", _train_shards(built), "--image-feat-output-path", str(out)]
+    argv += ["--text-data", str(tmp_path / "t.jsonl"), "--resume", str(tiny_checkpoint(tmp_path / "c.pt"))]
+    argv += [*TINY_FLAGS, "--num-workers", "0", "--no-progress", "--precision", "fp32"]
+    assert main([*argv, "--dataset-type", "webdataset"]) == 0
+    assert len(out.read_text().splitlines()) == N_IMAGES
