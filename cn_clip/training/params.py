@@ -14,7 +14,8 @@ from cn_clip.cli.args import (
     add_precision_arg,
     add_resume_arg,
 )
-from cn_clip.data.loader import DATASET_TYPES, DataCfg, SplitCfg
+from cn_clip.data.loader import DataCfg, SplitCfg
+from cn_clip.data.sources import add_source_args
 from cn_clip.training.config import LossCfg, TrainCfg
 from cn_clip.training.optim import WD_GROUPS, default_hparams
 
@@ -36,7 +37,7 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
 
 def _source_args(group: argparse._ArgumentGroup) -> None:
     """The readers beside LMDB (docs/data.md): WebDataset shards and CSV/JSONL lists of image files."""
-    group.add_argument("--dataset-type", choices=DATASET_TYPES, default="auto", help="reader; auto: from the path")
+    add_source_args(group)  # --dataset-type and the file-list columns
     group.add_argument("--train-num-samples", type=int, default=None, help="WebDataset: samples per epoch")
     group.add_argument("--val-num-samples", type=int, default=None, help="WebDataset: validation samples")
     group.add_argument("--dataset-resampled", action="store_true", default=False, help="shards drawn w/ replacement")
@@ -45,9 +46,6 @@ def _source_args(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="shuffle training data")
     group.add_argument("--shuffle-window", type=int, default=1000, help="WebDataset: samples shuffled together")
-    group.add_argument("--csv-img-key", default="filepath", help="CSV/JSONL column of the image path or URL")
-    group.add_argument("--csv-caption-key", default="title", help="CSV/JSONL column of the caption(s)")
-    group.add_argument("--csv-separator", default=None, help="CSV separator (default: ',' for .csv, tab for .tsv)")
 
 
 def _log_args(parser: argparse.ArgumentParser) -> None:
