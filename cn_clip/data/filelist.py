@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -81,12 +80,9 @@ def _jsonl_rows(path: str, text: str) -> Iterator[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{line_no}: expected a JSON object, found {type(obj).__name__}")
-        yield line_no, obj
+            yield line_no, formats.json_object(line)
+        except ValueError as exc:
+            raise DataError(f"{path}:{line_no}: {exc}") from None
 
 
 def _id(value: Any, default: str) -> formats.Id:

@@ -208,14 +208,20 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, str | int) and not isinstance(value, bool)
 
 
-def parse_text_line(line: str) -> TextRecord:
-    """One JSONL line → TextRecord. Raises ValueError naming the offending field."""
+def json_object(line: str) -> dict:
+    """One JSONL line that must hold an object. Raises ValueError saying what is wrong."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def parse_text_line(line: str) -> TextRecord:
+    """One JSONL line → TextRecord. Raises ValueError naming the offending field."""
+    obj = json_object(line)
     missing = [field for field in TEXT_FIELDS if field not in obj]
     if missing:
         raise ValueError(f"missing field(s) {', '.join(missing)}")
