@@ -229,6 +229,14 @@ def build_split(name: str, split: SplitCfg, cfg: DataCfg, world_size: int, rank:
     transform = train_transform(resolution) if split.augment else image_transform(resolution)
     if kind == "webdataset":
         return _build_stream(name, split, cfg, world_size, rank, transform)
+    stream_only = {
+        "--train-num-samples/--val-num-samples": split.num_samples is not None,
+        "--dataset-resampled": cfg.resampled and name == "train",
+        "--train-data-upsampling-factors": cfg.upsampling_factors is not None and name == "train",
+    }
+    for flag, given in stream_only.items():
+        if given:
+            raise ConfigError(f"{flag} applies to WebDataset shards; {split.path} is {kind} data")
     dataset = _build_dataset(name, split, cfg, kind, transform, resolution)
     global_batch = split.batch_size * world_size
     real = len(dataset)

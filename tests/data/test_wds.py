@@ -343,3 +343,11 @@ def test_extraction_reads_the_same_images_from_every_source(built: Path, tmp_pat
     argv += [*TINY_FLAGS, "--num-workers", "0", "--no-progress", "--precision", "fp32"]
     assert main([*argv, "--dataset-type", "webdataset"]) == 0
     assert len(out.read_text().splitlines()) == N_IMAGES
+
+
+def test_stream_flags_on_indexed_data_are_an_error(built: Path) -> None:
+    for kw in ({"resampled": True}, {"upsampling_factors": (1.0,)}):
+        with pytest.raises(ConfigError, match="applies to WebDataset shards; .* is csv data"):
+            get_data(DataCfg(SplitCfg(str(built / "train.csv"), 4), **kw), 1, 0, 32)
+    with pytest.raises(ConfigError, match="--train-num-samples/--val-num-samples applies"):
+        get_data(DataCfg(SplitCfg(str(built / "lmdb" / "train"), 4, num_samples=8)), 1, 0, 32)
