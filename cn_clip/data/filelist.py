@@ -21,7 +21,7 @@ from typing import Any
 
 from cn_clip.data import formats
 from cn_clip.data.lmdb_dataset import PairReader, check_on_bad_sample, encode_pair
-from cn_clip.errors import DataError
+from cn_clip.errors import ConfigError, DataError
 
 _logger = logging.getLogger(__name__)
 DEFAULT_IMG_KEY = "filepath"
@@ -40,8 +40,11 @@ def read_bytes(path: str) -> bytes:
     from cn_clip.extras import require
 
     fsspec = require("fsspec", f"reading {path}")
-    with fsspec.open(path, "rb") as handle:
-        return handle.read()
+    try:
+        with fsspec.open(path, "rb") as handle:
+            return handle.read()
+    except ImportError as exc:  # the URL's filesystem needs a package (aiohttp for http, s3fs for s3, ...)
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def resolve(base: str, path: str) -> str:

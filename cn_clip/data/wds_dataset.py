@@ -87,7 +87,10 @@ def open_stream(url: str) -> Any:
     if is_url(url):
         from cn_clip.extras import require
 
-        return require("fsspec", f"reading {url}").open(url, "rb").open()
+        try:
+            return require("fsspec", f"reading {url}").open(url, "rb").open()
+        except ImportError as exc:  # the URL's filesystem needs a package (aiohttp for http, s3fs for s3, ...)
+            raise ConfigError(f"{url}: {exc}") from None
     return open(url.removeprefix("file://"), "rb")
 
 
