@@ -87,7 +87,12 @@ def main() -> None:
     args = parser.parse_args()
     import logging
 
+    import torch
+
     logging.basicConfig(level=logging.WARNING)
+    # With 0 workers the main process decodes; one intra-op thread, as in a DataLoader worker, keeps OpenMP from
+    # spinning against the other jobs of a shared machine (2 threads there measured 10x slower).
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         start = time.perf_counter()
         sources = prepare(Path(tmp), args.images)
