@@ -55,6 +55,10 @@ def prepare(root: Path, n_images: int) -> dict[str, str]:
             text_id, text = captions[int(image_id)]
             writer.writerow([name, text, int(image_id), text_id])
     shutil.rmtree(raw)
+    return sources_in(root)
+
+
+def sources_in(root: Path) -> dict[str, str]:
     return {
         "LMDB": str(root / "lmdb" / "train"),
         "WebDataset": str(root / "wds" / "train.txt"),
@@ -84,6 +88,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
     parser.add_argument("--tmp", default=None, help="scratch directory (default: system temp)")
+    parser.add_argument("--keep", default=None, help="build the sources here and keep them (reused when present)")
     args = parser.parse_args()
     import logging
 
@@ -94,9 +99,10 @@ def main() -> None:
     # spinning against the other jobs of a shared machine (2 threads there measured 10x slower).
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        root = Path(args.keep or tmp)
         start = time.perf_counter()
-        sources = prepare(Path(tmp), args.images)
-        print(f"# {args.images} images: sources built in {time.perf_counter() - start:.0f} s", flush=True)
+        sources = sources_in(root) if (root / "train.csv").is_file() else prepare(root, args.images)
+        print(f"# {args.images} images: sources ready in {time.perf_counter() - start:.0f} s", flush=True)
         rows = []
         for workers in args.workers:
             for name, path in sources.items():
