@@ -23,7 +23,7 @@ EXTRAS = {
     "deploy": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1"],
     "search": ["faiss-cpu>=1.7.4", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
     "deepspeed": ["deepspeed>=0.14"],
-    "train": ["peft>=0.10", "webdataset>=0.2.86", "fsspec>=2024.2"],
+    "train": ["peft>=0.10", "webdataset>=0.2.86", "fsspec>=2024.2", "aiohttp>=3.9"],  # aiohttp: fsspec's http(s) URLs
     "plots": ["matplotlib>=3.8"],
     "demo": ["scikit-image>=0.22"],
 }

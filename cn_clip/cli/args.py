@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from cn_clip.runtime import PRECISIONS
+
+if TYPE_CHECKING:
+    from cn_clip.eval.features import ExtractOptions
 
 # The reference's `--vision-model` choices (training and extraction); any registered tower is also accepted.
 REFERENCE_VISION_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "RN50")
@@ -100,6 +104,20 @@ def add_image_reader_args(parser: argparse._ActionsContainer) -> None:
     add_num_workers_arg(parser)
     add_image_id_type_arg(parser)
     add_progress_arg(parser)
+
+
+def extract_options(args: argparse.Namespace) -> ExtractOptions:
+    """The typed extraction settings of a parsed command line: the feature-I/O, image-reader and image-source flags
+    it has (absent ones keep :class:`~cn_clip.eval.features.ExtractOptions`' defaults)."""
+    from dataclasses import fields
+
+    from cn_clip.data.sources import source_options
+    from cn_clip.eval.features import ExtractOptions
+
+    given = {f.name: getattr(args, f.name) for f in fields(ExtractOptions) if hasattr(args, f.name)}
+    given["progress"] = not getattr(args, "no_progress", False)
+    given["source"] = source_options(args)
+    return ExtractOptions(**given)
 
 
 def add_image_id_type_arg(parser: argparse._ActionsContainer) -> None:

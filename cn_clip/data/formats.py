@@ -126,15 +126,45 @@ def check_b64_image(
     if problem:
         return problem
     view = memoryview(data)
-    # Decoding only the head is ~10x cheaper; a header that needs more bytes falls through to a full decode.
+    # Decoding only the head and the tail is ~10x cheaper; a header that needs more bytes, or a file that does not
+    # end the way its format ends (truncated?), falls through to a full decode.
     head_only = not full and end - start > _HEADER_B64_CHARS
-    if head_only and image_problem(b64decode_image(view[start : start + _HEADER_B64_CHARS])) is None:
-        return None
+    if head_only:
+        head = b64decode_image(view[start : start + _HEADER_B64_CHARS])
+        if image_problem(head) is None:
+            tail = b64decode_image(view[end - _TAIL_B64_CHARS : end])
+            padding = 2 - len(bytes(view[end - 2 : end]).rstrip(b"="))
+            if ends_complete(head, tail, (end - start) // 4 * 3 - padding):
+                return None
+            full = True
     try:
         raw = b64decode_image(view[start:end])
     except binascii.Error as exc:
         return f"invalid base64 ({exc})"
+    if not full and not ends_complete(raw, raw, len(raw)):
+        full = True
     return image_problem(raw, full=full)
+
+
+_TAIL_B64_CHARS = 64  # 48 bytes: enough for the end markers below (and trailing padding bytes)
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+def ends_complete(head: bytes, tail: bytes, size: int) -> bool:
+    """Whether a file that starts with ``head`` and ends with ``tail`` (``size`` bytes in all) ends the way its
+    format ends: JPEG's EOI marker, PNG's IEND chunk, GIF's trailer, WebP's RIFF length. Cheap; a file that fails
+    it may still be whole (bytes after the end marker), so callers decode it fully to be sure."""
+    fmt = sniff_format(head)
+    body = tail.rstrip(b"\x00\r\n ")
+    if fmt == "JPEG":
+        return body.endswith(b"\xff\xd9")
+    if fmt == "PNG":
+        return body.endswith(_PNG_END)
+    if fmt == "GIF":
+        return body.endswith(b"\x3b")
+    if fmt == "WEBP":
+        return int.from_bytes(head[4:8], "little") + 8 <= size
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------- TSV lines
@@ -179,14 +209,20 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, str | int) and not isinstance(value, bool)
 
 
-def parse_text_line(line: str) -> TextRecord:
-    """One JSONL line → TextRecord. Raises ValueError naming the offending field."""
+def json_object(line: str) -> dict:
+    """One JSONL line that must hold an object. Raises ValueError saying what is wrong."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def parse_text_line(line: str) -> TextRecord:
+    """One JSONL line → TextRecord. Raises ValueError naming the offending field."""
+    obj = json_object(line)
     missing = [field for field in TEXT_FIELDS if field not in obj]
     if missing:
         raise ValueError(f"missing field(s) {', '.join(missing)}")

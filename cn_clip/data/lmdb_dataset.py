@@ -101,15 +101,78 @@ def _default_transform(resolution: int) -> Callable:
     return image_transform(resolution)
 
 
-class LMDBDataset:
+class PairReader:
+    """What every map-style pair reader shares: item ``index`` → ``(image, text ids, eos_index)`` for pair
+    ``index % number_samples``, text normalised then tokenised as the reference, and the ``on_bad_sample`` policy.
+
+    Subclasses set ``source`` (named in messages), ``split``, ``max_txt_length``, ``number_samples``, ``transform``,
+    ``on_bad_sample`` and implement ``read_pair(sample)`` → ``(image_id, text_id, text)`` and ``read_image(image_id)``
+    → PIL image. ``on_bad_sample``: ``fail`` raises DataError naming the pair and image id; ``skip`` logs it, counts
+    it in ``skipped`` and returns the next readable pair instead.
+    """
+
+    source: Any
+    split: str
+    max_txt_length: int
+    number_samples: int
+    dataset_len: int
+    transform: Callable
+    on_bad_sample: str
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.dataset_len
+
+    def read_pair(self, sample: int) -> tuple[formats.Id, formats.Id, str]:
+        raise NotImplementedError
+
+    def read_image(self, image_id: formats.Id) -> Any:
+        raise NotImplementedError
+
+    def _load(self, sample: int) -> tuple[Any, Any, int]:
+        image_id, _text_id, text = self.read_pair(sample)
+        raw = self.read_image(image_id)
+        return encode_pair(raw, text, self.transform, self.max_txt_length, image_id)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        sample = index % self.number_samples
+        for attempt in range(_MAX_SKIPS + 1):
+            try:
+                return self._load((sample + attempt) % self.number_samples)
+            except DataError as exc:
+                if self.on_bad_sample == "fail":
+                    raise DataError(f"{self.split} pair {(sample + attempt) % self.number_samples}: {exc}") from None
+                self.skipped += 1
+                _logger.warning("skipping bad sample (%d so far): %s", self.skipped, exc)
+        raise DataError(f"{self.source}: {_MAX_SKIPS} bad samples in a row after pair {sample}; giving up")
+
+
+def encode_pair(raw: Any, text: str, transform: Callable, context_length: int, image_id: Any) -> tuple[Any, Any, int]:
+    """A PIL image and its caption → ``(image tensor, text ids, eos_index)``, as every reader returns them."""
+    from cn_clip.tokenizer import normalize_text, tokenize
+
+    try:  # pixels are decoded lazily, inside the transform: a truncated file fails here
+        image = transform(raw)
+    except DataError as exc:
+        raise DataError(f"image_id {image_id}: {exc}") from None
+    ids = tokenize([normalize_text(text)], context_length=context_length)[0]
+    eos_index = int((ids == SEP_ID).nonzero()[0, 0])
+    return image, ids, eos_index
+
+
+def check_on_bad_sample(value: str) -> None:
+    if value not in ON_BAD_SAMPLE:
+        raise ConfigError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {value!r}")
+
+
+class LMDBDataset(PairReader):
     """Training/validation pairs of a split dir (``…/lmdb/train`` with ``pairs/`` and ``imgs/``).
 
     Item ``index`` → ``(image [3,R,R], text ids [context_length], eos_index)`` for pair ``index % num_samples``,
     text normalised (lowercase, curly quotes) then tokenised, as the reference. ``dataset_len`` may be padded to a
     multiple of the global batch with :func:`pad_dataset`; the tail wraps to the start.
 
-    ``on_bad_sample``: ``fail`` (default) raises DataError naming the pair and image id; ``skip`` logs it, counts it
-    in ``skipped`` and returns the next readable pair instead.
+    ``on_bad_sample``: see :class:`PairReader`.
     """
 
     def __init__(
@@ -122,8 +185,7 @@ class LMDBDataset:
         on_bad_sample: str = "fail",
     ) -> None:
         path = Path(lmdb_path)
-        if on_bad_sample not in ON_BAD_SAMPLE:
-            raise ConfigError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+        check_on_bad_sample(on_bad_sample)
         if not path.is_dir():
             raise DataError(f"The LMDB directory {path} of {split} split does not exist!")
         pairs, imgs = path / "pairs", path / "imgs"
@@ -131,7 +193,7 @@ class LMDBDataset:
             raise DataError(f"The LMDB directory {pairs} of {split} image-text pairs does not exist!")
         if not imgs.is_dir():
             raise DataError(f"The LMDB directory {imgs} of {split} image base64 strings does not exist!")
-        self.lmdb_path = path
+        self.lmdb_path = self.source = path
         self.split = split
         self.max_txt_length = max_txt_length
         self.number_samples = _read_count(pairs, formats.NUM_SAMPLES_KEY)
@@ -145,9 +207,6 @@ class LMDBDataset:
         self.on_bad_sample = on_bad_sample
         self.skipped = 0
         self._envs = _LazyEnvs(pairs=pairs, imgs=imgs)
-
-    def __len__(self) -> int:
-        return self.dataset_len
 
     def read_pair(self, sample: int) -> tuple[formats.Id, formats.Id, str]:
         """The raw ``(image_id, text_id, text)`` record at ``sample`` (0 ≤ sample < number_samples)."""
@@ -163,31 +222,6 @@ class LMDBDataset:
         if b64 is None:
             raise DataError(f"image_id {image_id} not found in {self.lmdb_path / 'imgs'}")
         return decode_image(b64, image_id)
-
-    def _load(self, sample: int) -> tuple[Any, Any, int]:
-        from cn_clip.tokenizer import normalize_text, tokenize
-
-        image_id, _text_id, text = self.read_pair(sample)
-        raw = self.read_image(image_id)
-        try:  # pixels are decoded lazily, inside the transform: a truncated file fails here
-            image = self.transform(raw)
-        except DataError as exc:
-            raise DataError(f"image_id {image_id}: {exc}") from None
-        ids = tokenize([normalize_text(text)], context_length=self.max_txt_length)[0]
-        eos_index = int((ids == SEP_ID).nonzero()[0, 0])
-        return image, ids, eos_index
-
-    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
-        sample = index % self.number_samples
-        for attempt in range(_MAX_SKIPS + 1):
-            try:
-                return self._load((sample + attempt) % self.number_samples)
-            except DataError as exc:
-                if self.on_bad_sample == "fail":
-                    raise DataError(f"{self.split} pair {(sample + attempt) % self.number_samples}: {exc}") from None
-                self.skipped += 1
-                _logger.warning("skipping bad sample (%d so far): %s", self.skipped, exc)
-        raise DataError(f"{self.lmdb_path}: {_MAX_SKIPS} bad samples in a row after pair {sample}; giving up")
 
     def close(self) -> None:
         self._envs.close()

@@ -10,6 +10,10 @@ Additions:
 - items carry 63-bit keys of their image id and text id, for masking duplicate positives in the loss;
 - the loader is built once (persistent workers), not per epoch (compatibility.md#fix-data-plumbing).
 ``--train-data synthetic:N[:C]`` trains on ``N`` random pairs (``C`` classes, see SyntheticDataset), no files needed.
+
+``--dataset-type`` picks the reader (:func:`resolve_dataset_type`): ``lmdb``, ``csv``/``jsonl`` (a list of image files,
+data/filelist.py: the same sampler and items as LMDB) or ``webdataset`` (data/wds_dataset.py: a stream of batches
+whose ``set_epoch``/``set_start`` stand in for the sampler). docs/data.md compares the three.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,8 +38,9 @@ def key_hash(value: Any) -> int:
 class ResumableSampler:
     """``DistributedSampler(shuffle=True, seed)`` order of this rank, as ``(index, item_seed)``, from ``start``."""
 
-    def __init__(self, dataset_len: int, num_replicas: int, rank: int, seed: int) -> None:
+    def __init__(self, dataset_len: int, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
         self.dataset_len = dataset_len
+        self.shuffle = shuffle
         self.num_replicas = num_replicas
         self.rank = rank
         self.seed = seed
@@ -54,7 +58,7 @@ class ResumableSampler:
         from torch.utils.data import DistributedSampler
 
         sampler = DistributedSampler(
-            range(self.dataset_len), num_replicas=self.num_replicas, rank=self.rank, shuffle=True, seed=self.seed
+            range(self.dataset_len), self.num_replicas, self.rank, shuffle=self.shuffle, seed=self.seed
         )
         sampler.set_epoch(self.epoch)
         return list(sampler)
@@ -69,6 +73,37 @@ class ResumableSampler:
 
     def __len__(self) -> int:
         return -(-self.dataset_len // self.num_replicas) - self.start
+
+
+DATASET_TYPES = ("auto", "lmdb", "webdataset", "csv", "jsonl")
+_LIST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+def resolve_dataset_type(path: str, dataset_type: str = "auto") -> str:
+    """``auto`` → ``lmdb`` (a dir with ``imgs/`` and ``pairs/``), ``webdataset`` (``*.tar``, a brace pattern, ``::``
+    sources, a shard list ``.txt``/``.shards``, ``pipe:`` or another URL), ``csv``/``jsonl`` (by suffix);
+    ``synthetic`` for ``synthetic:N``. An explicit type is returned as given."""
+    import os
+
+    if path.startswith(SYNTHETIC_PREFIX):
+        return "synthetic"
+    if dataset_type not in DATASET_TYPES:
+        raise ConfigError(f"--dataset-type must be one of {', '.join(DATASET_TYPES)}, got {dataset_type!r}")
+    if dataset_type != "auto":
+        return dataset_type
+    bare = path.split("?", 1)[0].rstrip("/").lower()
+    suffix = os.path.splitext(bare)[1]
+    if suffix in _LIST_SUFFIXES:
+        return _LIST_SUFFIXES[suffix]
+    if "::" in path or "{" in path or bare.endswith((".tar", ".tar.gz", ".tgz", ".txt", ".shards")):
+        return "webdataset"
+    if path.startswith("pipe:") or "://" in path and not path.startswith("file://"):
+        return "webdataset"
+    if os.path.isdir(os.path.join(path, "imgs")) and os.path.isdir(os.path.join(path, "pairs")):
+        return "lmdb"
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: a directory without imgs/ and pairs/ is no LMDB split (pass --dataset-type?)")
+    raise ConfigError(f"{path}: cannot tell the dataset type from the path; pass --dataset-type")
 
 
 class KeyedPairs:
@@ -90,18 +125,10 @@ class KeyedPairs:
         return key_hash(("img", index % self.dataset.num_samples)), key_hash(("txt", text_ids.tolist()))
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[Any, ...]:
-        import torch
+        from cn_clip.data.wds_dataset import with_item_seed
 
         index, item_seed = item
-        if self.random_transform:
-            state = random.getstate()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(item_seed)
-                random.seed(item_seed)
-                image, text, eos = self.dataset[index]
-            random.setstate(state)
-        else:
-            image, text, eos = self.dataset[index]
+        image, text, eos = with_item_seed(item_seed if self.random_transform else None, lambda: self.dataset[index])
         image_key, text_key = self._keys(index, text)
         return image, text, eos, image_key, text_key
 
@@ -110,10 +137,11 @@ class KeyedPairs:
 class SplitCfg:
     """One split: where its pairs are and how they are batched."""
 
-    path: str  # LMDB split directory, or synthetic:N[:C]
+    path: str  # LMDB split dir, shard pattern/URL/list, CSV/JSONL list of files, or synthetic:N[:C]
     batch_size: int  # per process
     num_workers: int = 0  # DataLoader reader processes
     augment: bool = False  # random training augmentation
+    num_samples: int | None = None  # WebDataset: samples per epoch (None: the shards' total)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +153,14 @@ class DataCfg:
     context_length: int = 52  # tokens incl. [CLS]/[SEP]
     seed: int = 123  # the sampler's shuffle and the per-item augmentation seeds
     on_bad_sample: str = "fail"  # an unreadable pair: "fail" or "skip"
+    dataset_type: str = "auto"  # see resolve_dataset_type
+    shuffle: bool = True  # off: every reader keeps the stored order (LMDB/list: index order; shards: as listed)
+    resampled: bool = False  # WebDataset: shards drawn with replacement, per-epoch seed
+    upsampling_factors: tuple[float, ...] | None = None  # WebDataset: weight of each ::-joined source
+    shuffle_window: int = 1000  # WebDataset: samples shuffled together
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    csv_separator: str | None = None  # None: "," for .csv, tab for .tsv
 
 
 @dataclasses.dataclass
@@ -137,8 +173,9 @@ class DataInfo:
     batch_size: int
 
 
-def _build_dataset(path: str, split: str, resolution: int, context_length: int, augment: bool, on_bad: str) -> Any:
-    if path.startswith(SYNTHETIC_PREFIX):
+def _build_dataset(name: str, split: SplitCfg, cfg: DataCfg, kind: str, transform: Any, resolution: int) -> Any:
+    path = split.path
+    if kind == "synthetic":
         from cn_clip.data.synthetic import SyntheticDataset
 
         parts = path[len(SYNTHETIC_PREFIX) :].split(":")
@@ -146,19 +183,62 @@ def _build_dataset(path: str, split: str, resolution: int, context_length: int, 
             count, classes = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
         except ValueError:
             raise ConfigError(f"{path!r}: use synthetic:N or synthetic:N:CLASSES") from None
-        return SyntheticDataset(count, resolution, context_length, seed=0, num_classes=classes)
-    from cn_clip.data.lmdb_dataset import LMDBDataset
-    from cn_clip.transforms import image_transform, train_transform
+        return SyntheticDataset(count, resolution, cfg.context_length, seed=0, num_classes=classes)
+    if kind in ("csv", "jsonl"):
+        from cn_clip.data.filelist import FileListDataset
 
-    transform = train_transform(resolution) if augment else image_transform(resolution)
-    return LMDBDataset(path, split, context_length, transform=transform, on_bad_sample=on_bad)
+        return FileListDataset(
+            path, name, cfg.context_length, transform, cfg.on_bad_sample,
+            cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator,
+        )  # fmt: skip
+    from cn_clip.data.lmdb_dataset import LMDBDataset
+
+    return LMDBDataset(path, name, cfg.context_length, transform=transform, on_bad_sample=cfg.on_bad_sample)
+
+
+def _build_stream(name: str, split: SplitCfg, cfg: DataCfg, world_size: int, rank: int, transform: Any) -> DataInfo:
+    from torch.utils.data import DataLoader
+
+    from cn_clip.data.wds_dataset import WdsCfg, WebDatasetPairs
+
+    train = name == "train"
+    wds_cfg = WdsCfg(
+        split.path, name, split.batch_size, world_size, rank,
+        num_samples=split.num_samples,
+        resampled=cfg.resampled and train,
+        factors=cfg.upsampling_factors if train else None,
+        shuffle=cfg.shuffle and train,
+        shuffle_window=cfg.shuffle_window,
+        seed=cfg.seed,
+        context_length=cfg.context_length,
+        on_bad_sample=cfg.on_bad_sample,
+        random_transform=split.augment,
+    )  # fmt: skip
+    dataset = WebDatasetPairs(wds_cfg, transform)
+    # batch_size=None: the dataset yields whole batches; fresh workers each epoch carry its epoch and start
+    loader = DataLoader(dataset, batch_size=None, num_workers=split.num_workers, pin_memory=False)
+    return DataInfo(loader, dataset, dataset, dataset.num_samples, dataset.num_batches, split.batch_size)
 
 
 def build_split(name: str, split: SplitCfg, cfg: DataCfg, world_size: int, rank: int, resolution: int) -> DataInfo:
     """The loader of split ``name`` ("train" or "val") for this rank, at the model's image ``resolution``."""
     from torch.utils.data import DataLoader
 
-    dataset = _build_dataset(split.path, name, resolution, cfg.context_length, split.augment, cfg.on_bad_sample)
+    from cn_clip.transforms import image_transform, train_transform
+
+    kind = resolve_dataset_type(split.path, cfg.dataset_type)
+    transform = train_transform(resolution) if split.augment else image_transform(resolution)
+    if kind == "webdataset":
+        return _build_stream(name, split, cfg, world_size, rank, transform)
+    stream_only = {
+        "--train-num-samples/--val-num-samples": split.num_samples is not None,
+        "--dataset-resampled": cfg.resampled and name == "train",
+        "--train-data-upsampling-factors": cfg.upsampling_factors is not None and name == "train",
+    }
+    for flag, given in stream_only.items():
+        if given:
+            raise ConfigError(f"{flag} applies to WebDataset shards; {split.path} is {kind} data")
+    dataset = _build_dataset(name, split, cfg, kind, transform, resolution)
     global_batch = split.batch_size * world_size
     real = len(dataset)
     padded = -(-real // global_batch) * global_batch
@@ -170,7 +250,7 @@ def build_split(name: str, split: SplitCfg, cfg: DataCfg, world_size: int, rank:
             real,
             global_batch,
         )
-    sampler = ResumableSampler(padded, world_size, rank, cfg.seed)
+    sampler = ResumableSampler(padded, world_size, rank, cfg.seed, shuffle=cfg.shuffle)
     loader = DataLoader(
         KeyedPairs(dataset, random_transform=split.augment),
         batch_size=split.batch_size,

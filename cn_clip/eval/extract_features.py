@@ -19,8 +19,10 @@ from cn_clip.cli.args import (
     add_model_args,
     add_precision_arg,
     add_resume_arg,
+    extract_options,
 )
 from cn_clip.cli.runner import print_params, run_cli, setup_logging
+from cn_clip.data.sources import add_source_args
 from cn_clip.errors import ConfigError
 from cn_clip.eval import features as F
 from cn_clip.eval.features import default_output_paths
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--npy-dtype", choices=("float32", "float16"), default="float32", help="matrix dtype for npy")
     add_device_arg(extra)
     add_image_reader_args(extra)
+    add_source_args(parser.add_argument_group("image sources (docs/data.md)"))
     return parser
 
 
@@ -103,15 +106,7 @@ def run(args: argparse.Namespace) -> int:
     device = str(env.device)
     architecture = f"{args.vision_model}@{args.text_model}"
     model, _ = F.load_eval_model(architecture, args.resume, device, args.precision, print if primary else None)
-    opts = F.ExtractOptions(
-        img_batch_size=args.img_batch_size,
-        text_batch_size=args.text_batch_size,
-        context_length=args.context_length,
-        num_workers=args.num_workers,
-        npy_dtype=args.npy_dtype,
-        image_id_type=args.image_id_type,
-        progress=not args.no_progress,
-    )
+    opts = extract_options(args)
     jobs = []
     if args.extract_text_feats:
         encoder = F.TorchEncoder(model.encode_text, device, args.precision)

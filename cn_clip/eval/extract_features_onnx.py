@@ -19,6 +19,7 @@ from cn_clip.cli.args import (
     add_device_arg,
     add_image_reader_args,
     add_model_args,
+    extract_options,
 )
 from cn_clip.cli.runner import print_params, run_cli, setup_logging
 from cn_clip.errors import ConfigError
@@ -62,14 +63,7 @@ def run(args: argparse.Namespace) -> int:
     args.device = args.device or resolve_device().partition(":")[0]  # the provider: "cuda" when available
     print_params(args)
     image_default, text_default = F.default_output_paths(args.text_data)
-    opts = F.ExtractOptions(
-        img_batch_size=args.img_batch_size,
-        text_batch_size=args.text_batch_size,
-        context_length=args.context_length,
-        num_workers=args.num_workers,
-        image_id_type=args.image_id_type,
-        progress=not args.no_progress,
-    )
+    opts = extract_options(args)
     jobs = []
     if args.extract_text_feats:
         encoder = F.OnnxEncoder(args.onnx_text_model, args.device)

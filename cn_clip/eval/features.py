@@ -220,6 +220,7 @@ class ExtractOptions:
     npy_dtype: str = "float32"
     image_id_type: str = "auto"
     progress: bool = True
+    source: dict = field(default_factory=dict)  # --dataset-type and file-list columns (data/sources.py)
 
 
 def extract_images(
@@ -230,12 +231,13 @@ def extract_images(
     opts: ExtractOptions,
     env: DistEnv | None = None,
 ) -> Extracted | None:
-    """Image features of an imgs LMDB in key order; written to ``output`` (if given) by rank 0 and returned there
+    """Image features of an imgs LMDB (or any reader of :mod:`cn_clip.data.sources`) in key order; written to
+    ``output`` (if given) by rank 0 and returned there
     (None on the other ranks)."""
-    from cn_clip.data.lmdb_dataset import LMDBImageDataset
+    from cn_clip.data.sources import image_dataset
 
     env = env or DistEnv()
-    dataset = LMDBImageDataset(image_data, resolution=resolution, id_type=opts.image_id_type)
+    dataset = image_dataset(image_data, resolution=resolution, id_type=opts.image_id_type, **opts.source)
     batches = sequential_batches(len(dataset), opts.img_batch_size)
     part = extract_dataset(
         encoder, dataset, batches, num_workers=opts.num_workers, env=env, desc="images", progress=opts.progress

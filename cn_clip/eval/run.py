@@ -27,6 +27,7 @@ from cn_clip.cli.args import (
     add_model_args,
     add_precision_arg,
     add_resume_arg,
+    extract_options,
 )
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError, DataError
@@ -167,14 +168,7 @@ def evaluate_split(args: argparse.Namespace) -> dict[str, Any] | None:
     architecture = f"{args.vision_model}@{args.text_model}"
     announce = print if env.is_primary else None
     model, meta = F.load_eval_model(architecture, args.resume, device, args.precision, announce)
-    opts = F.ExtractOptions(
-        img_batch_size=args.img_batch_size,
-        text_batch_size=args.text_batch_size,
-        context_length=args.context_length,
-        num_workers=args.num_workers,
-        image_id_type=args.image_id_type,
-        progress=not args.no_progress,
-    )
+    opts = extract_options(args)
     resolution = model.cfg.vision.image_resolution
     text_encoder = F.TorchEncoder(model.encode_text, device, args.precision)
     image_encoder = F.TorchEncoder(model.encode_image, device, args.precision)

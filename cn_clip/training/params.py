@@ -16,14 +16,16 @@ from cn_clip.cli.args import (
     add_resume_arg,
 )
 from cn_clip.data.loader import DataCfg, SplitCfg
+from cn_clip.data.sources import add_source_args
 from cn_clip.training.config import LossCfg, TrainCfg
 from cn_clip.training.optim import WD_GROUPS, default_hparams
 
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--train-data", required=True, help="train split LMDB dir (imgs/, pairs/) or synthetic:N[:C]")
-    group.add_argument("--val-data", default=None, help="validation split LMDB dir; none = no validation")
+    group.add_argument("--train-data", required=True, help="train split: LMDB dir, shards, CSV/JSONL, synthetic:N[:C]")
+    group.add_argument("--val-data", default=None, help="validation split (same kinds); none = no validation")
+    _source_args(group)
     add_num_workers_arg(group)  # the training loader
     group.add_argument("--valid-num-workers", type=int, default=1, help="validation DataLoader workers")
     group.add_argument("--batch-size", type=int, default=64, help="batch size per process")
@@ -32,6 +34,19 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--on-bad-sample", choices=("fail", "skip"), default="fail", help="unreadable pair: stop (default) or skip"
     )
+
+
+def _source_args(group: argparse._ArgumentGroup) -> None:
+    """The readers beside LMDB (docs/data.md): WebDataset shards and CSV/JSONL lists of image files."""
+    add_source_args(group)  # --dataset-type and the file-list columns
+    group.add_argument("--train-num-samples", type=int, default=None, help="WebDataset: samples per epoch")
+    group.add_argument("--val-num-samples", type=int, default=None, help="WebDataset: validation samples")
+    group.add_argument("--dataset-resampled", action="store_true", default=False, help="shards drawn w/ replacement")
+    group.add_argument(
+        "--train-data-upsampling-factors", default=None, help="'::'-separated weights of the '::'-joined sources"
+    )
+    group.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="shuffle training data")
+    group.add_argument("--shuffle-window", type=int, default=1000, help="WebDataset: samples shuffled together")
 
 
 def _log_args(parser: argparse.ArgumentParser) -> None:
@@ -137,12 +152,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def data_config(args: argparse.Namespace) -> DataCfg:
     """The data layer's settings from the parsed flags."""
+    factors = args.train_data_upsampling_factors
+    train = SplitCfg(args.train_data, args.batch_size, args.num_workers, args.use_augment, args.train_num_samples)
+    val = SplitCfg(args.val_data, args.valid_batch_size, args.valid_num_workers, num_samples=args.val_num_samples)
     return DataCfg(
-        train=SplitCfg(args.train_data, args.batch_size, args.num_workers, augment=args.use_augment),
-        val=SplitCfg(args.val_data, args.valid_batch_size, args.valid_num_workers) if args.val_data else None,
+        train=train,
+        val=val if args.val_data else None,
         context_length=args.context_length,
         seed=args.seed,
         on_bad_sample=args.on_bad_sample,
+        dataset_type=args.dataset_type,
+        shuffle=args.shuffle,
+        resampled=args.dataset_resampled,
+        upsampling_factors=tuple(float(x) for x in factors.split("::")) if factors else None,
+        shuffle_window=args.shuffle_window,
+        csv_img_key=args.csv_img_key,
+        csv_caption_key=args.csv_caption_key,
+        csv_separator=args.csv_separator,
     )
 
 

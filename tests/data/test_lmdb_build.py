@@ -175,7 +175,7 @@ def test_report_file_lists_every_problem(tmp_path):
     }
 
 
-def test_full_image_check_catches_truncated_pixels(tmp_path):
+def _cut_jpeg(share: float = 0.6) -> bytes:
     import io
 
     import numpy as np
@@ -183,23 +183,25 @@ def test_full_image_check_catches_truncated_pixels(tmp_path):
 
     buf = io.BytesIO()
     Image.fromarray((np.random.default_rng(0).random((256, 256, 3)) * 255).astype("uint8")).save(buf, "JPEG")
-    truncated = buf.getvalue()[: len(buf.getvalue()) // 2]
-    truncated = truncated[: len(truncated) // 3 * 3]  # base64 length stays a multiple of 4
-    write_split(tmp_path, "train", [(1, truncated)], [{"text_id": 1, "text": "x", "image_ids": [1]}])
-    assert main(["--data_dir", str(tmp_path), "--splits", "train", "--lmdb_dir", str(tmp_path / "a")]) == 0
-    with pytest.raises(DataError, match="train_imgs.tsv:1: image_id 1: not an image Pillow can open"):
-        main(
-            [
-                "--data_dir",
-                str(tmp_path),
-                "--splits",
-                "train",
-                "--check-images",
-                "full",
-                "--lmdb_dir",
-                str(tmp_path / "b"),
-            ]
-        )
+    truncated = buf.getvalue()[: int(len(buf.getvalue()) * share)]
+    return truncated[: len(truncated) // 3 * 3]  # base64 length stays a multiple of 4
+
+
+@pytest.mark.parametrize("check", [[], ["--check-images", "full"]], ids=["header", "full"])
+def test_truncated_jpeg_is_reported_with_line_and_id(tmp_path, check):
+    good = image_bytes(1, "JPEG", size=(64, 64))
+    images = [(1, good), (2, _cut_jpeg(0.6))]
+    texts = [{"text_id": i, "text": "x", "image_ids": [i]} for i in (1, 2)]
+    write_split(tmp_path, "train", images, texts)
+    argv = ["--data_dir", str(tmp_path), "--splits", "train", "--lmdb_dir", str(tmp_path / "a"), *check]
+    with pytest.raises(DataError, match=r"train_imgs.tsv:2: image_id 2: not an image Pillow can open .*truncated"):
+        main(argv)
+    assert not (tmp_path / "a" / "train").exists()
+    assert main([*argv, "--skip-bad"]) == 0  # the truncated row is dropped, the good one kept
+    assert (
+        main(["--data_dir", str(tmp_path), "--splits", "train", "--lmdb_dir", str(tmp_path / "c"), "--no-check-images"])
+        == 0
+    )
 
 
 def test_urlsafe_crlf_and_grayscale_rgba_webp_are_accepted(tmp_path):
