@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from training import helpers as training_helpers
 
 from cn_clip.data.lmdb_build import build_lmdb
 from cn_clip.data.loader import DataCfg, SplitCfg, get_data, resolve_dataset_type
@@ -22,6 +21,7 @@ from cn_clip.data.wds_dataset import WdsCfg, WebDatasetPairs
 from cn_clip.errors import ConfigError, DataError
 from cn_clip.transforms import image_transform
 from tests.helpers import TINY_FLAGS
+from tests.training import helpers as training_helpers
 
 from .helpers import image_bytes, write_split
 
