@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cn_clip.errors import CheckpointError, ConfigError
-from cn_clip.models.clip_model import CLIP
+from cn_clip.models.clip_model import CLIP, LOGIT_BIAS_KEY
 from cn_clip.models.config import CLIPCfg
 from cn_clip.models.layers import PackedSelfAttention
 from cn_clip.models.pretrained import PRETRAINED, available_models
@@ -58,14 +58,25 @@ def create_model(
     return model.eval()
 
 
-def load_checkpoint_into(model: CLIP, checkpoint: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """Strictly load a reference-format checkpoint (or flat state dict); returns its non-tensor metadata."""
+def load_checkpoint_into(
+    model: CLIP, checkpoint: str | Path | Mapping[str, Any], source: str | None = None
+) -> dict[str, Any]:
+    """Strictly load a reference-format checkpoint (or flat state dict); returns its non-tensor metadata.
+
+    A SigLIP checkpoint's extra ``logit_bias`` key becomes the model's bias; without it the model has none."""
     if isinstance(checkpoint, Mapping):
-        raw, source = dict(checkpoint), "<checkpoint dict>"
+        raw, source = dict(checkpoint), source or "<checkpoint dict>"
     else:
-        raw, source = read_checkpoint(checkpoint), str(checkpoint)
-    load_state_dict_strict(model, state_dict_of(raw, source), source)
-    return {k: v for k, v in raw.items() if k not in ("state_dict", "optimizer")}
+        raw, source = read_checkpoint(checkpoint), source or str(checkpoint)
+    state = state_dict_of(raw, source)
+    bias = raw.get(LOGIT_BIAS_KEY) if "state_dict" in raw else None
+    if bias is not None and not isinstance(bias, torch.Tensor | float):
+        raise CheckpointError(f"{source}: '{LOGIT_BIAS_KEY}' is a {type(bias).__name__}, not a number")
+    model.set_logit_bias(bias)
+    if bias is not None:
+        state = {**clean_state_dict(state), LOGIT_BIAS_KEY: torch.as_tensor(bias).reshape(())}
+    load_state_dict_strict(model, state, source)
+    return {k: v for k, v in raw.items() if k not in ("state_dict", "optimizer", LOGIT_BIAS_KEY)}
 
 
 def convert_weights(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:

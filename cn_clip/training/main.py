@@ -108,12 +108,24 @@ def _resume_path(args: Any, checkpoint_dir: Path | None) -> Path | None:
 
 
 def _load_weights(model: Any, path: Path) -> dict:
-    from cn_clip.weights import load_state_dict_strict, read_checkpoint, state_dict_of
+    from cn_clip.models.factory import load_checkpoint_into
+    from cn_clip.weights import read_checkpoint
 
     _logger.info("=> begin to load checkpoint '%s'", path)
     ckpt = read_checkpoint(path)
-    load_state_dict_strict(model, state_dict_of(ckpt, str(path)), str(path))
+    load_checkpoint_into(model, ckpt, str(path))
     return ckpt
+
+
+def _prepare_logit_bias(args: Any, model: Any) -> None:
+    """``--loss siglip`` needs the SigLIP bias (kept from a SigLIP checkpoint, else the paper's initial scale and
+    bias); ``--loss clip`` has no use for one (an unused parameter would also stall DDP)."""
+    if args.loss == "siglip" and not model.has_logit_bias:
+        model.init_siglip()
+        _logger.info("SigLIP loss: logit_scale = ln 10 and logit_bias = -10 (the SigLIP paper's initialisation)")
+    elif args.loss == "clip" and model.has_logit_bias:
+        _logger.info("--loss clip: dropping the checkpoint's SigLIP logit_bias (%.4f)", float(model.logit_bias))
+        model.set_logit_bias(None)
 
 
 def _restore_training_state(args: Any, engine: Any, ckpt: dict, path: Path, num_batches: int, ckdir: Any) -> Any:
@@ -223,6 +235,7 @@ def train(args: Any) -> dict:
         _seed_everything(args.seed, env.rank)
         resume = _resume_path(args, checkpoint_dir)
         ckpt = _load_weights(model, resume) if resume else None
+        _prepare_logit_bias(args, model)
         model.to(env.device)
         data = get_data(args, env.world_size, env.rank, model.cfg.vision.image_resolution)
         resolve_max_steps(args, data["train"].num_batches)
