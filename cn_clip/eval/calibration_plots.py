@@ -88,8 +88,8 @@ def save_plots(result: Any, out_dir: str | Path) -> list[Path]:
             f"cos ≥ {threshold['cosine']:.3f}: P {threshold['precision']:.2f}, R {threshold['recall']:.2f}",
             (threshold["recall"], threshold["precision"]),
             textcoords="offset points",
-            xytext=(-10, -18),
-            ha="right",
+            xytext=(8, -16) if threshold["recall"] < 0.5 else (-8, -16),
+            ha="left" if threshold["recall"] < 0.5 else "right",
             fontsize=8,
         )
     axis.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02))

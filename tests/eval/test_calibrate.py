@@ -244,3 +244,50 @@ def test_topk_probabilities_only_with_the_flag(tmp_path: Path, method: str, modu
             full = np.exp(3.0 * cosines) / np.exp(3.0 * cosines).sum()
             expect = [full[column[i]] for i in line[id_key]]
         np.testing.assert_allclose(line["probabilities"], expect, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ eval.run, --data and search
+def test_run_calibrate_data_mode_and_search(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import sys
+
+    sys.path.insert(0, str(TOPK.parents[1]))
+    from tiny_eval_data import TINY_FLAGS, make_retrieval_dataset, tiny_checkpoint
+
+    from cn_clip.eval.run import main as run_main
+    from cn_clip.search.__main__ import main as search_main
+
+    root = make_retrieval_dataset(tmp_path / "ds", n_images=12, n_texts=16)
+    ckpt, other = tiny_checkpoint(root / "ckpt.pt", seed=1), tiny_checkpoint(root / "other.pt", seed=2)
+    common = ["--num-workers", "0", "--device", "cpu", *TINY_FLAGS]
+    argv = ["--data", str(root), "--split", "valid", "--resume", str(ckpt), "--output-dir", str(root / "out")]
+    assert run_main([*argv, "--no-progress", "--calibrate", "isotonic", *common]) == 0
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    calib = C.Calibrator.load(root / "out" / "calib.json")
+    assert summary["calibration"]["file"].endswith("calib.json") and calib.method == "isotonic"
+    assert calib.checkpoint["sha256"] == C.checkpoint_sha256(ckpt)
+    assert (root / "out" / "reliability.png").is_file()
+    # the dataset input of the calibrate CLI gives the same pairs, so the same fit
+    argv = ["--data", str(root), "--resume", str(ckpt), "--output-dir", str(root / "cal"), "--method", "isotonic"]
+    assert C.main([*argv, "--no-plots", "--target-precision", "0.5", *common]) == 0
+    assert C.Calibrator.load(root / "cal" / "calib.json").params == calib.params
+    capsys.readouterr()
+
+    index = ["--out", str(root / "idx"), "--resume", str(ckpt), "--no-progress", *common]
+    assert search_main(["index", "--image-data", str(root / "lmdb" / "valid" / "imgs"), *index]) == 0
+    query = ["query", "--index", str(root / "idx"), "一只猫", "--top-k", "6", "--device", "cpu", "--json"]
+    capsys.readouterr()
+    assert search_main([*query, "--calibration", str(root / "out" / "calib.json")]) == 0
+    captured = capsys.readouterr()
+    hits = json.loads(captured.out.strip().splitlines()[-1])
+    assert "fitted on" not in captured.err  # same checkpoint: no warning
+    np.testing.assert_allclose([h["probability"] for h in hits], calib([h["score"] for h in hits]), atol=1e-6)
+    cut = sorted(h["probability"] for h in hits)[3]
+    argv = [*query, "--calibration", str(root / "out" / "calib.json"), "--min-probability", str(cut)]
+    assert search_main(argv) == 0
+    kept = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert kept == [h for h in hits if h["probability"] >= cut]
+    assert search_main([*query, "--calibration", str(root / "out" / "calib.json"), "--resume", str(other)]) == 0
+    err = capsys.readouterr().err
+    assert "fitted on" in err and str(ckpt) in err and str(other) in err
+    assert search_main([*query, "--min-probability", "0.5"]) == 2
+    assert "needs --calibration" in capsys.readouterr().err
