@@ -68,13 +68,15 @@ def load_checkpoint_into(
         raw, source = dict(checkpoint), source or "<checkpoint dict>"
     else:
         raw, source = read_checkpoint(checkpoint), source or str(checkpoint)
-    state = state_dict_of(raw, source)
+    state = clean_state_dict(state_dict_of(raw, source))
     bias = raw.get(LOGIT_BIAS_KEY) if "state_dict" in raw else None
+    if bias is None:  # a flat dict (e.g. ``model.state_dict()`` of a SigLIP model) holds it among the tensors
+        bias = state.get(LOGIT_BIAS_KEY)
     if bias is not None and not isinstance(bias, torch.Tensor | float):
         raise CheckpointError(f"{source}: '{LOGIT_BIAS_KEY}' is a {type(bias).__name__}, not a number")
     model.set_logit_bias(bias)
     if bias is not None:
-        state = {**clean_state_dict(state), LOGIT_BIAS_KEY: torch.as_tensor(bias).reshape(())}
+        state[LOGIT_BIAS_KEY] = torch.as_tensor(bias).reshape(())
     load_state_dict_strict(model, state, source)
     return {k: v for k, v in raw.items() if k not in ("state_dict", "optimizer", LOGIT_BIAS_KEY)}
 

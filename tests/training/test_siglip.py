@@ -192,3 +192,12 @@ def test_reference_loads_the_exported_siglip_checkpoint(tmp_path: Path) -> None:
         text = model.encode_text(torch.from_numpy(ref["text_ids"]))
     np.testing.assert_allclose(image.numpy(), ref["image_features"], atol=1e-5)
     np.testing.assert_allclose(text.numpy(), ref["text_features"], atol=1e-5)
+
+
+def test_flat_state_dict_of_a_siglip_model_loads() -> None:
+    from cn_clip.models.factory import create_model
+
+    model = fixture_model()
+    model.set_logit_bias(-2.5)
+    loaded = create_model(TINY, checkpoint=model.state_dict())
+    assert float(loaded.logit_bias) == -2.5
