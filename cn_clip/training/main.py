@@ -203,6 +203,8 @@ def _make_engine(args: Any, model: Any, env: Any) -> Any:
         config = resolve_deepspeed_config(
             args.deepspeed_config, args.batch_size, args.accum_freq, env.world_size, args.precision, args.grad_clip_norm
         )
+        if args.loss == "siglip" and int(config.get("zero_optimization", {}).get("stage", 0)) == 3:
+            raise ConfigError("--loss siglip reads logit_bias outside forward, which ZeRO-3 partitions: use ZeRO 1/2")
         return DeepSpeedEngine(model, optimizer, env, config, args.precision)
     return Engine(model, optimizer, env, args.precision, args.grad_clip_norm, static_graph=args.grad_checkpointing)
 
