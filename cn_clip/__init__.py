@@ -20,6 +20,7 @@ _LAZY = {
     "get_tokenizer": "cn_clip.tokenizer",
     "normalize_text": "cn_clip.tokenizer",
     "image_transform": "cn_clip.transforms",
+    "Calibrator": "cn_clip.eval.calibrate",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -2,6 +2,7 @@
 
     python -m cn_clip.convert to-hf CKPT OUT_DIR [--arch ViT-B-16@RoBERTa-wwm-ext-base-chinese] [--overwrite]
     python -m cn_clip.convert from-hf HF_DIR CKPT
+    python -m cn_clip.convert to-reference CKPT OUT.pt   (drops cn_clip's extra keys, e.g. a SigLIP logit_bias)
 
 ViT towers convert losslessly both ways; the RN50 tower has no HF counterpart (clear error).
 """
@@ -25,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf = commands.add_parser("from-hf", help="ChineseCLIPModel folder → reference checkpoint")
     from_hf.add_argument("hf_dir", help="folder with config.json and model.safetensors")
     from_hf.add_argument("checkpoint", help="output .pt in the reference layout")
+    to_ref = commands.add_parser("to-reference", help="cn_clip checkpoint → file with the reference's keys only")
+    to_ref.add_argument("checkpoint", help="cn_clip .pt checkpoint")
+    to_ref.add_argument("output", help="output .pt (epoch, step, name, state_dict)")
     return parser
 
 
@@ -32,7 +36,12 @@ def convert(argv: Sequence[str] | None = None) -> int:
     from cn_clip.deploy.hf import checkpoint_to_hf, hf_to_checkpoint
 
     args = build_parser().parse_args(argv)
-    if args.command == "to-hf":
+    if args.command == "to-reference":
+        from cn_clip.training.checkpoint import export_reference
+
+        export_reference(args.checkpoint, args.output)
+        print(f"Reference checkpoint written to {args.output}")
+    elif args.command == "to-hf":
         out = checkpoint_to_hf(args.checkpoint, args.out_dir, args.arch, args.overwrite)
         print(f"Hugging Face ChineseCLIPModel written to {out}")
     else:

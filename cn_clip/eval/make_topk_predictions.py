@@ -44,6 +44,9 @@ def build_parser(direction: Direction) -> argparse.ArgumentParser:
         "--backend", choices=BACKENDS, default="auto", help="auto = numpy on CPU, torch on other devices"
     )
     add_device_arg(parser)  # where the torch back end runs
+    parser.add_argument(
+        "--calibration", default=None, help="calib.json (cn_clip.eval.calibrate): add a 'probabilities' list per line"
+    )
     return parser
 
 
@@ -58,8 +61,11 @@ def make_topk_predictions(
     device: str | None = None,
     gallery_chunk: int = DEFAULT_GALLERY_CHUNK,
     query_chunk: int | None = None,
+    calibration: str | os.PathLike | None = None,
 ) -> int:
-    """Write one prediction line per query (query-file order); return the number of lines written."""
+    """Write one prediction line per query (query-file order); return the number of lines written.
+
+    With ``calibration`` (a ``calib.json``) each line also gets ``"probabilities"``, parallel to the ranked ids."""
     direction = get_direction(direction)
     paths = {"image_id": image_feats, "text_id": text_feats}
     gallery, queries = read_feature_files(
@@ -78,7 +84,14 @@ def make_topk_predictions(
         gallery_chunk=gallery_chunk,
         query_chunk=query_chunk,
     )
-    write_predictions(output, direction, queries.ids, gallery.ids, result.indices.tolist())
+    probabilities = None
+    if calibration is not None:
+        from cn_clip.eval.calibrate import Calibrator
+
+        calibrator = Calibrator.load(calibration)
+        log_norm = calibrator.log_normaliser(queries.matrix, gallery.matrix) if calibrator.per_row else None
+        probabilities = calibrator.probabilities_of_hits(result.scores, log_norm).tolist()
+    write_predictions(output, direction, queries.ids, gallery.ids, result.indices.tolist(), probabilities)
     return len(queries)
 
 
@@ -88,16 +101,23 @@ def write_predictions(
     query_ids: Sequence[FeatureId],
     gallery_ids: Sequence[FeatureId],
     ranked: Sequence[Sequence[int]],
+    probabilities: Sequence[Sequence[float]] | None = None,
 ) -> None:
-    """Lines byte-identical to the reference's ``json.dumps({query_key: q, target_key: [...]})``."""
+    """Lines byte-identical to the reference's ``json.dumps({query_key: q, target_key: [...]})``; with
+    ``probabilities``, a ``"probabilities"`` list (6 decimals) follows the ids."""
     gallery_json = [json.dumps(item) for item in gallery_ids]  # each id encoded once, not once per hit
     head = '{"' + direction.query_key + '": '
     middle = ', "' + direction.target_key + '": ['
+    lines = (
+        head + json.dumps(qid) + middle + ", ".join([gallery_json[j] for j in row]) + "]"
+        for qid, row in zip(query_ids, ranked, strict=True)
+    )
+    if probabilities is not None:
+        tails = (', "probabilities": [' + ", ".join(f"{p:.6f}" for p in row) + "]}\n" for row in probabilities)
+    else:
+        tails = ("}\n" for _ in query_ids)
     with atomic_write(output) as handle:
-        handle.writelines(
-            head + json.dumps(qid) + middle + ", ".join([gallery_json[j] for j in row]) + "]}\n"
-            for qid, row in zip(query_ids, ranked, strict=True)
-        )
+        handle.writelines(line + tail for line, tail in zip(lines, tails, strict=True))
 
 
 def main(argv: Sequence[str] | None = None, direction: str = "text_to_image") -> int:
@@ -126,6 +146,7 @@ def main(argv: Sequence[str] | None = None, direction: str = "text_to_image") ->
             device=device,
             gallery_chunk=args.eval_batch_size,
             query_chunk=args.query_batch_size,
+            calibration=args.calibration,
         )
         print(f"Top-{args.top_k} predictions are saved in {args.output}")
         print("Done!")

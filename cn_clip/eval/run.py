@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-format", choices=("jsonl", "npy"), default="jsonl", help="feature file format")
     add_image_reader_args(parser)
+    parser.add_argument(
+        "--calibrate",
+        nargs="?",
+        const="platt",
+        default=None,
+        choices=("platt", "isotonic", "temperature", "siglip"),
+        help="also fit cosine → probability on this split: calib.json + plots in the output dir (default platt)",
+    )
     return parser
 
 
@@ -176,6 +184,8 @@ def evaluate_split(args: argparse.Namespace) -> dict[str, Any] | None:
     images = F.extract_images(image_encoder, layout.images, resolution, layout.image_features, opts, env)
     if texts is None or images is None:
         return None
+    bias = None if model.logit_bias is None else float(model.logit_bias.detach())
+    scale_and_bias = (float(model.logit_scale.detach().exp()), bias)
     del model
     write_tr_truth(layout.texts, layout.tr_truth)
     results = {
@@ -194,10 +204,25 @@ def evaluate_split(args: argparse.Namespace) -> dict[str, Any] | None:
         "top_k": args.top_k,
         "results": results,
     }
+    if args.calibrate:
+        summary["calibration"] = _calibrate(args, layout, texts, images, *scale_and_bias)
     with atomic_write(layout.out / "summary.json") as handle:
         json.dump(summary, handle, ensure_ascii=False, indent=1)
     summary["table"] = format_table(results)
     return summary
+
+
+def _calibrate(args: Any, layout: Layout, texts: Any, images: Any, scale: float, bias: float | None) -> dict:
+    """``--calibrate``: fit on this split's features; calib.json (and the plots) go next to the predictions."""
+    from cn_clip.eval.calibrate import FitOptions, calibrate_features, format_report, ground_truth_rows
+
+    options = FitOptions(args.calibrate, logit_scale=scale, logit_bias=bias, target_precision=0.9)
+    result = calibrate_features(
+        texts.ids, texts.matrix, images.ids, images.matrix, ground_truth_rows(layout.texts), options,
+        checkpoint=args.resume, output_dir=layout.out, source=str(layout.texts),
+    )  # fmt: skip
+    _logger.info("calibration (%s):\n%s", args.calibrate, format_report(result.calibrator.report, args.calibrate))
+    return {"file": str(layout.out / "calib.json"), **result.calibrator.report}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,11 @@ from cn_clip.models.vit import VisionTransformer
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100)
 PAD_ID = 0
+# SigLIP (Zhai et al. 2023): a learnable bias on the logits, initialised with t' = log 10 and b = -10. The bias is
+# not a reference key: checkpoints keep it under this extra top-level key, beside "state_dict".
+LOGIT_BIAS_KEY = "logit_bias"
+SIGLIP_LOGIT_SCALE_INIT = math.log(10)
+SIGLIP_LOGIT_BIAS_INIT = -10.0
 
 
 class CLIP(nn.Module):
@@ -30,6 +35,7 @@ class CLIP(nn.Module):
             ModifiedResNet(cfg.vision) if cfg.vision.kind == "resnet" else VisionTransformer(cfg.vision)
         )
         self.bert = create_bert(cfg.text)
+        self.register_parameter("logit_bias", None)  # SigLIP only, see set_logit_bias
         self.initialize_parameters()
 
     @property
@@ -53,6 +59,33 @@ class CLIP(nn.Module):
                     if name.startswith("layer") and name.endswith("bn3.weight"):
                         nn.init.zeros_(param)
             nn.init.normal_(self.text_projection, std=self.cfg.text.text_hidden_size**-0.5)
+
+    @property
+    def has_logit_bias(self) -> bool:
+        return self.logit_bias is not None
+
+    def set_logit_bias(self, value: float | torch.Tensor | None) -> None:
+        """Add (or, with None, remove) the SigLIP bias; its state-dict key is ``logit_bias``."""
+        if value is None:
+            self.register_parameter("logit_bias", None)
+            return
+        ref = self.logit_scale
+        tensor = torch.as_tensor(value).detach().reshape(()).to(device=ref.device, dtype=ref.dtype)
+        self.register_parameter("logit_bias", nn.Parameter(tensor.clone()))
+
+    def init_siglip(self) -> None:
+        """The SigLIP paper's starting point: ``exp(logit_scale) = 10`` and ``logit_bias = -10``."""
+        with torch.no_grad():
+            self.logit_scale.fill_(SIGLIP_LOGIT_SCALE_INIT)
+        self.set_logit_bias(SIGLIP_LOGIT_BIAS_INIT)
+
+    def match_probability(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """SigLIP models: ``sigmoid(exp(logit_scale) · cos + logit_bias)`` [B_i, B_t], a per-pair match probability.
+        CLIP models have no bias: fit a calibration (``python -m cn_clip.eval.calibrate``) instead."""
+        if self.logit_bias is None:
+            raise ValueError("this model has no logit_bias (not trained with --loss siglip); use cn_clip.Calibrator")
+        image_features, text_features, scale = self.forward(image, text)
+        return torch.sigmoid(scale * image_features @ text_features.t() + self.logit_bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cn_clip.errors import CheckpointError, ConfigError
-from cn_clip.models.clip_model import CLIP
+from cn_clip.models.clip_model import CLIP, LOGIT_BIAS_KEY
 from cn_clip.models.config import CLIPCfg
 from cn_clip.models.layers import PackedSelfAttention
 from cn_clip.models.pretrained import PRETRAINED, available_models
@@ -75,15 +75,17 @@ def build_from_checkpoint(
     _logger.debug("Model info %s", cfg.to_flat_dict())
     with _parameters_on_meta():
         model = CLIP(cfg)
-    load_state_dict_strict(model, state_dict_of(raw, source), source, assign=True)
+    load_state_dict_strict(model, _state_with_bias(model, raw, source), source, assign=True)
     return model, _metadata(raw)
 
 
-def load_checkpoint_into(model: CLIP, checkpoint: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+def load_checkpoint_into(
+    model: CLIP, checkpoint: str | Path | Mapping[str, Any], source: str | None = None
+) -> dict[str, Any]:
     """Strictly copy a reference-format checkpoint (or flat state dict) into an existing model; returns its
     non-tensor metadata."""
-    raw, source = _raw_checkpoint(checkpoint)
-    load_state_dict_strict(model, state_dict_of(raw, source), source)
+    raw, source = _raw_checkpoint(checkpoint, source)
+    load_state_dict_strict(model, _state_with_bias(model, raw, source), source)
     return _metadata(raw)
 
 
@@ -93,8 +95,23 @@ def _raw_checkpoint(checkpoint: str | Path | Mapping[str, Any], source: str | No
     return read_checkpoint(checkpoint), source or str(checkpoint)
 
 
+def _state_with_bias(model: CLIP, raw: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict. A SigLIP checkpoint's extra ``logit_bias`` key becomes the model's bias; without
+    it the model has none."""
+    state = clean_state_dict(state_dict_of(raw, source))
+    bias = raw.get(LOGIT_BIAS_KEY) if "state_dict" in raw else None
+    if bias is None:  # a flat dict (e.g. ``model.state_dict()`` of a SigLIP model) holds it among the tensors
+        bias = state.get(LOGIT_BIAS_KEY)
+    if bias is not None and not isinstance(bias, torch.Tensor | float):
+        raise CheckpointError(f"{source}: '{LOGIT_BIAS_KEY}' is a {type(bias).__name__}, not a number")
+    model.set_logit_bias(bias)
+    if bias is not None:
+        state[LOGIT_BIAS_KEY] = torch.as_tensor(bias).reshape(())
+    return state
+
+
 def _metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in raw.items() if k not in ("state_dict", "optimizer")}
+    return {k: v for k, v in raw.items() if k not in ("state_dict", "optimizer", LOGIT_BIAS_KEY)}
 
 
 @contextlib.contextmanager

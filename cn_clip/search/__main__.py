@@ -4,6 +4,7 @@ python -m cn_clip.search index --image-data D/lmdb/valid/imgs --resume CKPT --ou
 python -m cn_clip.search index --image-data photos/ --resume CKPT --out IDX
 python -m cn_clip.search query --index IDX "一只猫" --top-k 5
 python -m cn_clip.search query --index IDX --image q.jpg --score softmax
+python -m cn_clip.search query --index IDX "一只猫" --calibration calib.json --min-probability 0.5
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--resume", default=None, help="checkpoint (default: the one the index was built with)")
     add_device_arg(search)
     search.add_argument("--json", action="store_true", help="print the hits as one JSON list")
+    search.add_argument("--calibration", default=None, help="calib.json: add a match-probability column")
+    search.add_argument("--min-probability", type=float, default=None, help="drop hits below (needs --calibration)")
     return parser
 
 
@@ -83,14 +86,24 @@ def run_query(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be positive, got {args.top_k}")
     hits = query(
-        args.index, args.text, args.image, top_k=args.top_k, score=args.score, resume=args.resume, device=args.device
+        args.index,
+        args.text,
+        args.image,
+        top_k=args.top_k,
+        score=args.score,
+        resume=args.resume,
+        device=args.device,
+        calibration=args.calibration,
+        min_probability=args.min_probability,
     )
     if args.json:
         print(json.dumps([hit.to_json() for hit in hits], ensure_ascii=False))
         return 0
-    print(f"rank\t{args.score}\tid\tpath")
+    calibrated = args.calibration is not None
+    print(f"rank\t{args.score}\t" + ("probability\t" if calibrated else "") + "id\tpath")
     for hit in hits:
-        print(f"{hit.rank}\t{hit.score:.6f}\t{hit.id}\t{hit.path or '-'}")
+        probability = f"{hit.probability:.4f}\t" if calibrated else ""
+        print(f"{hit.rank}\t{hit.score:.6f}\t{probability}{hit.id}\t{hit.path or '-'}")
     return 0
 
 

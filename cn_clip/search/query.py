@@ -33,9 +33,13 @@ class Hit:
     id: Any
     score: float
     path: str | None = None
+    probability: float | None = None  # calibrated match probability (with a calib.json)
 
     def to_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "id": self.id, "score": self.score, "path": self.path}
+        out = {"rank": self.rank, "id": self.id, "score": self.score, "path": self.path}
+        if self.probability is not None:
+            out["probability"] = self.probability
+        return out
 
 
 class SearchIndex:
@@ -107,8 +111,15 @@ def query(
     score: str = "cosine",
     resume: str | None = None,
     device: str | None = None,
+    calibration: str | os.PathLike | None = None,
+    min_probability: float | None = None,
 ) -> list[Hit]:
-    """Hits for one query, best first. The model is the index's checkpoint unless ``resume`` overrides it."""
+    """Hits for one query, best first. The model is the index's checkpoint unless ``resume`` overrides it.
+
+    With ``calibration`` (a ``calib.json``) each hit carries its match probability, and hits below
+    ``min_probability`` are dropped."""
+    if min_probability is not None and calibration is None:
+        raise ConfigError("--min-probability needs --calibration calib.json (cosines are not probabilities)")
     index = SearchIndex(index_dir)
     device = resolve_device(device)
     checkpoint = resume or index.meta["checkpoint"]
@@ -116,4 +127,33 @@ def query(
     vector = encode_query(model, index.meta, text, image, device)
     if vector.shape[1] != index.index.d:
         raise ConfigError(f"the model gives {vector.shape[1]}-d features but the index holds {index.index.d}-d")
-    return index.search(vector, top_k, score)[0]
+    hits = index.search(vector, top_k, score)[0]
+    if calibration is None:
+        return hits
+    return _with_probabilities(index, vector, hits, top_k, score, calibration, checkpoint, min_probability)
+
+
+def _with_probabilities(
+    index: SearchIndex,
+    vector: np.ndarray,
+    hits: list[Hit],
+    top_k: int,
+    score: str,
+    calibration: str | os.PathLike,
+    checkpoint: str,
+    min_probability: float | None,
+) -> list[Hit]:
+    from cn_clip.eval.calibrate import Calibrator
+
+    calibrator = Calibrator.load(calibration, checkpoint=checkpoint)  # warns if fitted for another model
+    cosines = [h.score for h in hits] if score == "cosine" else [h.score for h in index.search(vector, top_k)[0]]
+    log_norm = None
+    if calibrator.per_row:  # temperature: normalised over every indexed item
+        everything = index.index.search(np.ascontiguousarray(vector, dtype=np.float32), index.index.ntotal)[0]
+        log_norm = calibrator.log_normaliser_of_scores(everything)
+    probabilities = calibrator.probabilities_of_hits(np.asarray([cosines]), log_norm)[0]
+    for hit, probability in zip(hits, probabilities.tolist(), strict=True):
+        hit.probability = probability
+    if min_probability is not None:
+        hits = [hit for hit in hits if hit.probability >= min_probability]
+    return hits

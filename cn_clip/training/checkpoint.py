@@ -2,8 +2,9 @@
 plus exact-resume extras.
 
 File content: ``{"epoch", "step", "name", "state_dict" ("module."-prefixed reference keys), "optimizer"}`` — what
-the reference writes and reads — and one extra key ``"cn_clip"`` holding the exact data position (epoch index and
-micro-batches consumed), the global step, the seed and the loss scaler. The reference ignores the extra key.
+the reference writes and reads — plus extra keys the reference ignores: ``"cn_clip"`` holding the exact data
+position (epoch index and micro-batches consumed), the global step, the seed and the loss scaler; and, for a model
+trained with ``--loss siglip``, ``"logit_bias"`` (:func:`export_reference` writes a file without the extras).
 RNG state needs no saving: the trainer reseeds from ``(seed, step, rank)`` at every step.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 from cn_clip.errors import CheckpointError
 from cn_clip.fileio import atomic_torch_save
+from cn_clip.models.clip_model import LOGIT_BIAS_KEY
 
 _logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -44,7 +46,10 @@ def build_checkpoint(
     scaler: dict | None = None,
 ) -> dict[str, Any]:
     """``epoch`` is the reference's ``epoch + 1`` (also mid-epoch) and ``step`` the steps done."""
+    state_dict, bias = split_logit_bias(state_dict)
     ckpt: dict[str, Any] = {"epoch": position.epoch + 1, "step": position.step, "name": name, "state_dict": state_dict}
+    if bias is not None:
+        ckpt[LOGIT_BIAS_KEY] = bias
     if optimizer is not None:
         ckpt["optimizer"] = optimizer
     ckpt["cn_clip"] = {
@@ -57,6 +62,41 @@ def build_checkpoint(
         "scaler": scaler,
     }
     return ckpt
+
+
+def split_logit_bias(state_dict: dict) -> tuple[dict, Any]:
+    """``(reference keys only, the SigLIP bias or None)``: the bias never enters ``state_dict`` (the reference's
+    strict loader would reject it)."""
+    names = [k for k in state_dict if k in (LOGIT_BIAS_KEY, f"module.{LOGIT_BIAS_KEY}")]
+    if not names:
+        return state_dict, None
+    rest = {k: v for k, v in state_dict.items() if k not in names}
+    return rest, state_dict[names[0]].detach().cpu().reshape(())
+
+
+def export_reference(source: str | Path, target: str | Path) -> dict[str, Any]:
+    """Write ``source`` as a file the reference loads: ``epoch``/``step``/``name``/``state_dict`` only. cn_clip's
+    extras (exact-resume position, optimizer, a SigLIP ``logit_bias``) are dropped, the bias with a log note."""
+    from cn_clip.weights import read_checkpoint, state_dict_of
+
+    raw = read_checkpoint(source)
+    state, bias = split_logit_bias(state_dict_of(raw, str(source)))
+    if LOGIT_BIAS_KEY in raw:
+        bias = raw[LOGIT_BIAS_KEY]
+    out: dict[str, Any] = {k: raw[k] for k in ("epoch", "step", "name") if k in raw}
+    out["state_dict"] = state
+    if bias is not None:
+        _logger.info(
+            "%s: dropping the SigLIP logit_bias (%.4f): the reference has no such parameter; its scores stay cosine × "
+            "logit_scale (keep the original file, or a calib.json, for match probabilities)",
+            source,
+            float(bias),
+        )
+    dropped = sorted(k for k in raw if k not in out and k != LOGIT_BIAS_KEY)
+    if dropped:
+        _logger.info("%s: not exported (cn_clip-only): %s", source, ", ".join(dropped))
+    atomic_torch_save(out, Path(target))
+    return out
 
 
 def save(ckpt: dict[str, Any], path: Path) -> None:

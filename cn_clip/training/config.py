@@ -11,8 +11,9 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class LossCfg:
-    """The contrastive loss (``loss.ClipLoss``) and the distillation term's weight."""
+    """The contrastive loss (``loss.ClipLoss`` or ``loss.SigLipLoss``) and the distillation term's weight."""
 
+    kind: str = "clip"  # --loss: clip (InfoNCE, the reference's) or siglip (pairwise sigmoid)
     aggregate: bool = True  # all-gather features across ranks (off: --skip-aggregate)
     gather_with_grad: bool = False  # autograd through the all-gather
     local_loss: bool = False  # only this rank's rows against all columns

@@ -19,7 +19,7 @@ from cn_clip.runtime import DistEnv, all_gather_list, all_reduce_sum
 from cn_clip.training import checkpoint as ckpt_io
 from cn_clip.training.config import TrainCfg
 from cn_clip.training.engine import Engine
-from cn_clip.training.loss import ClipLoss, kd_loss
+from cn_clip.training.loss import ClipLoss, SigLipLoss, kd_loss
 from cn_clip.training.schedule import lr_at
 
 if TYPE_CHECKING:
@@ -64,7 +64,8 @@ class Trainer:
         self.checkpoint_dir = checkpoint_dir
         self.teacher = teacher
         self.writer = writer
-        self.loss_fn = ClipLoss(
+        self.siglip = cfg.loss.kind == "siglip"
+        self.loss_fn = (SigLipLoss if self.siglip else ClipLoss)(
             rank=env.rank,
             world_size=env.world_size,
             aggregate=cfg.loss.aggregate,
@@ -102,7 +103,8 @@ class Trainer:
     ) -> tuple[torch.Tensor, dict]:
         image_keys = torch.cat([b.image_keys for b in batches])
         text_keys = torch.cat([b.text_keys for b in batches])
-        loss, acc = self.loss_fn(image, text, scale, image_keys, text_keys)
+        bias = self.engine.module.logit_bias if self.siglip else None
+        loss, acc = self.loss_fn(image, text, scale, image_keys, text_keys, bias=bias)
         if teacher_feats is not None:
             if self.loss_fn.aggregate:  # the teacher's rows in the same order as the student's
                 all_teacher, (all_image, _) = self.loss_fn.gather_keys(teacher_feats), self.loss_fn.gather_all(image)

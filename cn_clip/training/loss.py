@@ -1,5 +1,5 @@
-"""Contrastive (InfoNCE) loss over features gathered from all ranks, and the distillation loss (compatibility.md#loss,
-#distillation).
+"""Contrastive losses over features gathered from all ranks: InfoNCE (the reference's) and SigLIP's pairwise
+sigmoid loss; and the distillation loss (compatibility.md#loss, #distillation).
 
 Collectives are injected (``gather``), so a test can fake several ranks inside one process.
 
@@ -112,8 +112,10 @@ class ClipLoss:
         scale: torch.Tensor,
         image_keys: torch.Tensor | None = None,
         text_keys: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Symmetric cross-entropy ``(CE(per_image) + CE(per_text)) / 2`` and the in-batch top-1 accuracies."""
+        """Symmetric cross-entropy ``(CE(per_image) + CE(per_text)) / 2`` and the in-batch top-1 accuracies.
+        ``bias`` is accepted for a common interface and unused: a shift of every logit leaves a softmax unchanged."""
         per_image, per_text, labels, _ = self.logits(image, text, scale)
         if self.mask_duplicates and image_keys is not None and text_keys is not None:
             dup = self.duplicate_mask(image_keys, text_keys, labels)
@@ -127,6 +129,55 @@ class ClipLoss:
                 "t2i": (per_text.argmax(-1) == labels).float().mean(),
             }
         return loss, acc
+
+
+class SigLipLoss(ClipLoss):
+    """Pairwise sigmoid loss (SigLIP): ``−1/R · Σ_rows Σ_j log σ(z_ij · (scale · img_i·txt_j + bias))`` with
+    ``z = +1`` for a row's own pair and −1 otherwise, over the R image rows this rank is responsible for.
+
+    Same modes as :class:`ClipLoss`. With ``local_loss`` each rank scores its B images against all N texts ([B, N]
+    logits, O(B·N) memory); with ``gather_with_grad`` too, the mean over ranks is the loss of the whole batch and the
+    averaged gradients are its gradients. Without ``local_loss`` every rank scores all [N, N] pairs.
+    ``mask_duplicates`` drops the terms of pairs sharing the row pair's image or text id (they are matches, not
+    negatives); the normaliser stays R.
+    """
+
+    def __call__(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        scale: torch.Tensor,
+        image_keys: torch.Tensor | None = None,
+        text_keys: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if bias is None:
+            raise ValueError("SigLipLoss needs the model's logit_bias")
+        all_text, offset = self.gather_all(text)
+        if self.local_loss and self.aggregate:
+            rows = image
+            labels = torch.arange(image.shape[0], device=image.device) + offset
+        else:
+            rows, _ = self.gather_all(image)
+            labels = torch.arange(rows.shape[0], device=image.device)
+        logits = scale * rows @ all_text.t() + bias  # [R, N]
+        sign = torch.full_like(logits, -1.0)
+        sign[torch.arange(labels.shape[0], device=logits.device), labels] = 1.0
+        terms = -F.logsigmoid(sign * logits)
+        if self.mask_duplicates and image_keys is not None and text_keys is not None:
+            terms = terms.masked_fill(self.duplicate_mask(image_keys, text_keys, labels), 0.0)
+        loss = terms.sum() / logits.shape[0]
+        with torch.no_grad():
+            acc = {"i2t": (logits.argmax(-1) == labels).float().mean(), "t2i": self._text_accuracy(image, text)}
+        return loss, acc
+
+    def _text_accuracy(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """In-batch text→image top-1 over all N images (images gathered without grad, in rank order)."""
+        parts = self.gather(image.detach(), False) if self.aggregate else [image.detach()]
+        all_image = torch.cat(parts, dim=0)
+        rank = self.rank if self.aggregate else 0
+        labels = torch.arange(text.shape[0], device=text.device) + rank * text.shape[0]
+        return ((text.detach() @ all_image.t()).argmax(-1) == labels).float().mean()
 
 
 def kd_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:

@@ -114,12 +114,24 @@ def _resume_path(args: argparse.Namespace, checkpoint_dir: Path | None) -> Path 
 
 
 def _load_weights(model: Any, path: Path) -> dict:
-    from cn_clip.weights import load_state_dict_strict, read_checkpoint, state_dict_of
+    from cn_clip.models.factory import load_checkpoint_into
+    from cn_clip.weights import read_checkpoint
 
     _logger.info("=> begin to load checkpoint '%s'", path)
     ckpt = read_checkpoint(path)
-    load_state_dict_strict(model, state_dict_of(ckpt, str(path)), str(path))
+    load_checkpoint_into(model, ckpt, str(path))
     return ckpt
+
+
+def _prepare_logit_bias(args: argparse.Namespace, model: Any) -> None:
+    """``--loss siglip`` needs the SigLIP bias (kept from a SigLIP checkpoint, else the paper's initial scale and
+    bias); ``--loss clip`` has no use for one (an unused parameter would also stall DDP)."""
+    if args.loss == "siglip" and not model.has_logit_bias:
+        model.init_siglip()
+        _logger.info("SigLIP loss: logit_scale = ln 10 and logit_bias = -10 (the SigLIP paper's initialisation)")
+    elif args.loss == "clip" and model.has_logit_bias:
+        _logger.info("--loss clip: dropping the checkpoint's SigLIP logit_bias (%.4f)", float(model.logit_bias))
+        model.set_logit_bias(None)
 
 
 def _restore_training_state(
@@ -202,6 +214,8 @@ def _make_engine(args: argparse.Namespace, model: Any, env: DistEnv) -> Any:
         config = resolve_deepspeed_config(
             args.deepspeed_config, args.batch_size, args.accum_freq, env.world_size, args.precision, args.grad_clip_norm
         )
+        if args.loss == "siglip" and int(config.get("zero_optimization", {}).get("stage", 0)) == 3:
+            raise ConfigError("--loss siglip reads logit_bias outside forward, which ZeRO-3 partitions: use ZeRO 1/2")
         return DeepSpeedEngine(model, optimizer, env, config, args.precision)
     return Engine(model, optimizer, env, args.precision, args.grad_clip_norm, static_graph=args.grad_checkpointing)
 
@@ -236,6 +250,7 @@ def train(args: argparse.Namespace) -> dict:
         with local_primary_first(env):  # a released name is downloaded once per node
             resume = _resume_path(args, checkpoint_dir)
         ckpt = _load_weights(model, resume) if resume else None
+        _prepare_logit_bias(args, model)
         model.to(env.device)
         data = get_data(data_config(args), env.world_size, env.rank, model.cfg.vision.image_resolution)
         args.max_steps, args.max_epochs = resolve_max_steps(

@@ -108,6 +108,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 def _loss_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loss")
+    group.add_argument(
+        "--loss", choices=("clip", "siglip"), default="clip", help="clip: softmax InfoNCE; siglip: pairwise sigmoid"
+    )
     group.add_argument("--gather-with-grad", action="store_true", default=False, help="autograd all-gather")
     group.add_argument("--skip-aggregate", action="store_true", default=False, help="local [B, B] loss only")
     group.add_argument("--local-loss", action="store_true", default=False, help="only this rank's rows (O(B·N))")
@@ -175,6 +178,7 @@ def data_config(args: argparse.Namespace) -> DataCfg:
 def train_config(args: argparse.Namespace) -> TrainCfg:
     """The loop's settings from the parsed flags (``max_steps``/``max_epochs`` already resolved)."""
     loss = LossCfg(
+        kind=args.loss,
         aggregate=args.aggregate,
         gather_with_grad=args.gather_with_grad,
         local_loss=args.local_loss,

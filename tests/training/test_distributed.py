@@ -30,15 +30,23 @@ def _torchrun(nproc: int, *args: str) -> list[str]:
 
 def _probe(tmp_path: Path, nproc: int, flags: list[str]) -> dict:
     out = tmp_path / f"probe{nproc}.pt"
-    cmd = _torchrun(nproc, str(PROBE), str(out), *flags) if nproc > 1 else [sys.executable, str(PROBE), str(out)]
+    cmd = (
+        _torchrun(nproc, str(PROBE), str(out), *flags) if nproc > 1 else [sys.executable, str(PROBE), str(out), *flags]
+    )
     subprocess.run(cmd, check=True, env=_env(), cwd=REPO, timeout=300)
     return torch.load(out, weights_only=True)
 
 
 @pytest.mark.parametrize(
     "flags,grad_scale",
-    [([], 0.5), (["--gather-with-grad"], 1.0), (["--gather-with-grad", "--local-loss"], 1.0)],
-    ids=["reference", "gather-with-grad", "local-loss"],
+    [
+        ([], 0.5),
+        (["--gather-with-grad"], 1.0),
+        (["--gather-with-grad", "--local-loss"], 1.0),
+        (["--siglip"], 0.5),
+        (["--siglip", "--gather-with-grad", "--local-loss"], 1.0),
+    ],
+    ids=["reference", "gather-with-grad", "local-loss", "siglip", "siglip-local-loss"],
 )
 def test_two_processes_equal_one_with_double_batch(tmp_path: Path, flags: list[str], grad_scale: float) -> None:
     single, double = _probe(tmp_path, 1, flags), _probe(tmp_path, 2, flags)
@@ -47,17 +55,24 @@ def test_two_processes_equal_one_with_double_batch(tmp_path: Path, flags: list[s
     # the reference's plain gather only reaches local features: DDP's average is the full gradient / world
     # (logit_scale enters every rank's full logits directly, so its gradient is complete)
     for name, grad in single["grads"].items():
-        scale = 1.0 if name == "logit_scale" else grad_scale
+        scale = 1.0 if name in ("logit_scale", "logit_bias") else grad_scale
         torch.testing.assert_close(double["grads"][name], grad * scale, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_torchrun_main_two_processes(tmp_path: Path) -> None:
-    argv = tiny_args(tmp_path, "--save-step-frequency", "2", steps=3)
+@pytest.mark.parametrize(
+    "extra,global_batch",
+    [([], 8), (["--loss", "siglip", "--local-loss", "--gather-with-grad", "--accum-freq", "2"], 16)],
+    ids=["clip", "siglip-accum"],
+)
+def test_torchrun_main_two_processes(tmp_path: Path, extra: list[str], global_batch: int) -> None:
+    argv = tiny_args(tmp_path, "--save-step-frequency", "2", *extra, steps=3)
     cmd = _torchrun(2, "-m", "cn_clip.training.main", "--", *argv)
     subprocess.run(cmd, check=True, env=_env(), cwd=REPO, timeout=300)
     log = next((tmp_path / "run").glob("out_*.log")).read_text()
-    assert "Global Batch Size: 8" in log
+    assert f"Global Batch Size: {global_batch}" in log
     assert latest_state(tmp_path)["module.logit_scale"].shape == ()
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "epoch_latest.pt", map_location="cpu", weights_only=True)
+    assert ("logit_bias" in ckpt) == ("siglip" in extra)
 
 
 LOCAL_PRIMARY_PROBE = """
