@@ -51,6 +51,7 @@ def add_feature_io_args(parser: argparse.ArgumentParser, default_batch_size: int
     )
     parser.add_argument("--img-batch-size", type=int, default=default_batch_size, help="image batch size")
     parser.add_argument("--text-batch-size", type=int, default=default_batch_size, help="text batch size")
+    add_source_args(parser.add_argument_group("image sources (docs/data.md)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--npy-dtype", choices=("float32", "float16"), default="float32", help="matrix dtype for npy")
     add_device_arg(extra)
     add_image_reader_args(extra)
-    add_source_args(parser.add_argument_group("image sources (docs/data.md)"))
     return parser
 
 

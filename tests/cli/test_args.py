@@ -34,13 +34,18 @@ CHANGED = {
 }
 
 
-# New flags (their defaults keep the old behaviour): the readers beside LMDB (docs/data.md).
+# New flags (their defaults keep the old behaviour): the readers beside LMDB (docs/data.md), SigLIP and calibration.
 _SOURCES = {"dataset_type": "auto", "csv_img_key": "filepath", "csv_caption_key": "title", "csv_separator": None}
 ADDED = {
     "train": {
         **_SOURCES, "train_num_samples": None, "val_num_samples": None, "dataset_resampled": False,
         "train_data_upsampling_factors": None, "shuffle": True, "shuffle_window": 1000,
+        "loss": "clip",  # --loss siglip (docs/scores.md)
     },
+    "topk": {"calibration": None},  # probabilities from a calib.json (docs/scores.md)
+    "run": {"calibrate": None},
+    "search/query": {"calibration": None, "min_probability": None},
+    "search/query_flags": {"calibration": None, "min_probability": None},
     "extract": _SOURCES,
     "extract_onnx": _SOURCES,
 }  # fmt: skip
@@ -48,7 +53,8 @@ ADDED = {
 
 @pytest.mark.parametrize(("case", "module", "builder", "argv"), GEN.CASES, ids=[c[0] for c in GEN.CASES])
 def test_documented_command_lines_keep_their_values(case: str, module: str, builder: str, argv: list[str]) -> None:
-    expected = {**BEFORE[case], **CHANGED.get(case, {}), **ADDED.get(case.split("/")[0], {})}
+    added = {**ADDED.get(case.split("/")[0], {}), **ADDED.get(case, {})}
+    expected = {**BEFORE[case], **CHANGED.get(case, {}), **added}
     assert GEN.parse(module, builder, argv) == expected
 
 
