@@ -115,6 +115,7 @@ class RetentionMonitor:
         baseline: float | None = None,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
+        self.path = str(path)  # as given; a resumed run reuses the baseline only for the same set
         self.rset = open_retention_set(path)
         self.warn_drop = warn_drop
         self.device = device
