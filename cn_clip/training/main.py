@@ -165,6 +165,11 @@ def _build_retention(args: argparse.Namespace, env: DistEnv, engine: Any, ckpt: 
         return None
     from cn_clip.training.retention import RetentionMonitor
 
+    if getattr(engine, "zero_stage", 0) == 3:
+        raise ConfigError(
+            "--retention-data does not work under DeepSpeed ZeRO-3 (parameters are partitioned outside the training "
+            "forward); use ZeRO-1/2, or score checkpoints afterwards with cn_clip.eval.zeroshot_evaluation"
+        )
     saved = ((ckpt or {}).get("cn_clip") or {}).get("retention_baseline") or {}
     baseline = saved.get("top1") if saved.get("data") == str(args.retention_data) else None
     return RetentionMonitor(
