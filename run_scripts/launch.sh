@@ -41,15 +41,18 @@ args=(
 )
 [[ "${USE_AUGMENT:-1}" == 1 ]] && args+=(--use-augment)
 
-# The recipe starts from the released weights. RESUME= (empty) skips that; the default file is used only if present.
+# The recipe (lr 5e-5) is meant for the released weights: a missing default file is an error, not a silent
+# from-scratch run. RESUME=path starts elsewhere; only an explicit empty RESUME= trains from scratch.
 default_resume="$DATAPATH/pretrained_weights/clip_cn_${VISION_MODEL,,}.pt"
 RESUME="${RESUME-$default_resume}"
 if [[ -n "$RESUME" ]]; then
   if [[ "$RESUME" == "$default_resume" && ! -f "$RESUME" ]]; then
-    echo "launch.sh: $RESUME not found; training from scratch (set RESUME=path to start from released weights)" >&2
-  else
-    args+=(--resume "$RESUME" --reset-data-offset --reset-optimizer)
+    dl="python -c \"from cn_clip.models.factory import released_file; released_file('$VISION_MODEL', '${RESUME%/*}')\""
+    echo "launch.sh: error: $RESUME not found (this recipe fine-tunes the released $VISION_MODEL weights). Download" \
+      "them with: $dl -- or set RESUME=path to other weights, or RESUME= (empty) to train from scratch" >&2
+    exit 2
   fi
+  args+=(--resume "$RESUME" --reset-data-offset --reset-optimizer)
 fi
 
 if [[ "${DEEPSPEED:-0}" == 1 ]]; then

@@ -54,8 +54,9 @@ class Trainer:
         engine: Engine,
         data: dict,
         checkpoint_dir: Path | None,
-        teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        teacher: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
         writer: Any = None,
+        retention: Any = None,
     ) -> None:
         self.cfg = cfg
         self.env = env
@@ -64,6 +65,9 @@ class Trainer:
         self.checkpoint_dir = checkpoint_dir
         self.teacher = teacher
         self.writer = writer
+        self.retention = retention  # training.retention.RetentionMonitor
+        self.retention_history: list[dict[str, float]] = []
+        self.kd_losses: list[torch.Tensor] = []  # distillation term per optimizer step, detached
         self.siglip = cfg.loss.kind == "siglip"
         self.loss_fn = (SigLipLoss if self.siglip else ClipLoss)(
             rank=env.rank,
@@ -105,19 +109,27 @@ class Trainer:
         text_keys = torch.cat([b.text_keys for b in batches])
         bias = self.engine.module.logit_bias if self.siglip else None
         loss, acc = self.loss_fn(image, text, scale, image_keys, text_keys, bias=bias)
-        if teacher_feats is not None:
-            if self.loss_fn.aggregate:  # the teacher's rows in the same order as the student's
-                all_teacher, (all_image, _) = self.loss_fn.gather_keys(teacher_feats), self.loss_fn.gather_all(image)
-            else:
-                all_teacher, all_image = teacher_feats, image
-            loss = loss + self.cfg.loss.kd_loss_weight * kd_loss(all_teacher, all_image.float())
+        if teacher_feats:
+            kd = sum(
+                kd_loss(*self._kd_rows(teacher_feats[tower], {"image": image, "text": text}[tower]))
+                for tower in teacher_feats
+            )
+            loss = loss + self.cfg.loss.kd_loss_weight * kd
+            acc = {**acc, "kd": kd.detach()}
         return loss, acc
 
-    def _teacher_features(self, batches: list[Batch]) -> torch.Tensor | None:
+    def _kd_rows(self, teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher and student rows in the same order: all-gathered (local first) when the loss aggregates."""
+        if self.loss_fn.aggregate:
+            return self.loss_fn.gather_keys(teacher), self.loss_fn.gather_all(student)[0].float()
+        return teacher, student.float()
+
+    def _teacher_features(self, batches: list[Batch]) -> dict[str, torch.Tensor] | None:
+        """Per distilled tower, the frozen teacher's features of the whole step's micro-batches."""
         if self.teacher is None:
             return None
-        with torch.no_grad():
-            return torch.cat([self.teacher(b.images).float() for b in batches])
+        parts = [self.teacher(b.images, b.texts) for b in batches]
+        return {tower: torch.cat([p[tower] for p in parts]) for tower in parts[0]}
 
     def train_step(self, batches: list[Batch], step: int) -> tuple[torch.Tensor, dict]:
         """One optimizer step over ``accum_freq`` micro-batches (feature caching when > 1,
@@ -169,6 +181,8 @@ class Trainer:
             batch_time, end = time.time() - end, time.time()
             steps_done += 1
             self.losses.append(loss)
+            if "kd" in acc:
+                self.kd_losses.append(acc["kd"])
             position = ckpt_io.Position(epoch, (i_accum + 1) * self.accum, step + 1)
             if progress is not None:
                 progress.update(1)
@@ -217,6 +231,8 @@ class Trainer:
             f"Train Epoch: {epoch + 1} [{num_samples}/{self.data['train'].num_samples} ({percent:.0f}%)]",
             f"Loss: {float(loss):.6f}",
         ]
+        if "kd" in acc:
+            parts.append(f"Distill Loss: {float(acc['kd']):.6f}")
         if self.cfg.report_training_batch_acc:
             parts += [
                 f"Image2Text Acc: {float(acc['i2t']) * 100:.2f}",
@@ -283,10 +299,22 @@ class Trainer:
         )
         recalls = self._retrieval(feats)
         metrics = {"loss": loss / count, "i2t_acc": i2t / count * 100, "t2i_acc": t2i / count * 100, **recalls}
+        metrics.update(self.check_retention(steps))
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(f"val/{key}", value, steps)
         self.last_validation = metrics
+        return metrics
+
+    def check_retention(self, steps: int) -> dict[str, float]:
+        """Zero-shot top-1 on ``--retention-data`` and its change since before training (logged; {} when off)."""
+        if self.retention is None:
+            return {}
+        metrics = self.retention.check(self.engine.module, steps)
+        self.retention_history.append({"steps": steps, **metrics})
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"retention/{key}", value, steps)
         return metrics
 
     def _retrieval(self, feats: list[tuple[torch.Tensor, ...]]) -> dict[str, float]:
@@ -323,6 +351,8 @@ class Trainer:
             self.cfg.seed,
             self.engine.scaler_state_dict(),
         )
+        if self.retention is not None and self.retention.baseline is not None:  # a resumed run keeps its baseline
+            ckpt["cn_clip"]["retention_baseline"] = {"data": str(self.retention.path), "top1": self.retention.baseline}
         first = self.checkpoint_dir / names[0]
         ckpt_io.save(ckpt, first)
         for name in [n for n in [*names[1:], "epoch_latest.pt"] if n != names[0]]:

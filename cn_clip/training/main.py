@@ -61,6 +61,8 @@ def _check_args(args: argparse.Namespace, model: Any) -> None:
         raise ConfigError("--accum-freq, --batch-size and --valid-batch-size must be ≥ 1")
     if args.distillation and not args.teacher_model_name:
         raise ConfigError("--distillation needs --teacher-model-name")
+    if args.valid_at_start and not args.val_data:
+        raise ConfigError("--valid-at-start needs --val-data")
     if args.use_flash_attention:
         from cn_clip.models.text import SDPA_NOTE
 
@@ -163,26 +165,36 @@ def _restore_training_state(
 def _build_teacher(args: argparse.Namespace, env: DistEnv) -> Any:
     if not args.distillation:
         return None
-    from cn_clip.models.factory import load_from_name
-    from cn_clip.models.pretrained import PRETRAINED
-
-    name = args.teacher_model_name
-    if name not in PRETRAINED and not os.path.isfile(name):
-        try:
-            import modelscope  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                f"teacher {name!r} is neither a cn_clip model name nor a file; ModelScope teachers need "
-                "modelscope (`pip install modelscope`)"
-            ) from None
-        raise ConfigError(f"Error: Valid teacher model name has not been built: {name!r} (ModelScope teachers TBD)")
     from cn_clip.runtime import local_primary_first
+    from cn_clip.training.teacher import load_teacher
 
-    with local_primary_first(env):  # one download per node into the shared cache
-        teacher, _ = load_from_name(name, device=str(env.device))
-    teacher.float().eval().requires_grad_(False)
-    _logger.info("Teacher model loaded from %s", name)
-    return teacher.encode_image
+    towers = [t.strip() for t in args.distillation_towers.split(",") if t.strip()]
+    with local_primary_first(env):  # a released teacher is downloaded once per node into the shared cache
+        return load_teacher(args.teacher_model_name, env.device, args.teacher_download_root, towers)
+
+
+def _build_retention(args: argparse.Namespace, env: DistEnv, engine: Any, ckpt: dict | None) -> Any:
+    """The retention monitor of ``--retention-data``; a resumed run keeps the baseline its checkpoint recorded."""
+    if not args.retention_data:
+        return None
+    from cn_clip.training.retention import RetentionMonitor
+
+    if getattr(engine, "zero_stage", 0) == 3:
+        raise ConfigError(
+            "--retention-data does not work under DeepSpeed ZeRO-3 (parameters are partitioned outside the training "
+            "forward); use ZeRO-1/2, or score checkpoints afterwards with cn_clip.eval.zeroshot_evaluation"
+        )
+    saved = ((ckpt or {}).get("cn_clip") or {}).get("retention_baseline") or {}
+    baseline = saved.get("top1") if saved.get("data") == str(args.retention_data) else None
+    return RetentionMonitor(
+        args.retention_data,
+        args.retention_warn,
+        env.device,
+        args.valid_batch_size,
+        args.context_length,
+        baseline=baseline,
+        autocast=engine.autocast,
+    )
 
 
 def _log_params(args: argparse.Namespace, env: DistEnv, run_dir: Path | None, time_suffix: str) -> None:
@@ -269,14 +281,29 @@ def train(args: argparse.Namespace) -> dict:
             checkpoint_dir,
             _build_teacher(args, env),
             _tensorboard(args, env, run_dir),
+            retention=_build_retention(args, env, engine, ckpt),
         )
+        _check_at_start(args, trainer, position)
         _run_epochs(args, trainer, position)
         if trainer.writer is not None:
             trainer.writer.close()
         losses = [float(x) for x in trainer.losses]
-        return {"losses": losses, "validation": getattr(trainer, "last_validation", None)}
+        return {
+            "losses": losses,
+            "validation": getattr(trainer, "last_validation", None),
+            "distill_losses": [float(x) for x in trainer.kd_losses],
+            "retention": trainer.retention_history,
+        }
     finally:
         cleanup(env)
+
+
+def _check_at_start(args: argparse.Namespace, trainer: Any, position: Any) -> None:
+    """Pre-flight: retention before the first step and, with --valid-at-start, validation recall at this step."""
+    if args.valid_at_start:
+        trainer.validate(position.epoch, position.step)  # includes the retention check
+    else:
+        trainer.check_retention(position.step)
 
 
 def _run_epochs(args: argparse.Namespace, trainer: Any, position: Any) -> None:
@@ -300,6 +327,8 @@ def _run_epochs(args: argparse.Namespace, trainer: Any, position: Any) -> None:
         interval = args.valid_epoch_interval
         if "val" in trainer.data and interval and interval > 0 and (epoch + 1) % interval == 0:
             trainer.validate(epoch, done_step)
+        elif "val" not in trainer.data and steps > 0:
+            trainer.check_retention(done_step)
         if steps > 0:
             number = epoch + 1
             names = (

@@ -120,9 +120,25 @@ def _loss_args(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="pairs sharing an image or text id are not negatives (--no-mask-duplicates: the reference)",
     )
-    group.add_argument("--distillation", action="store_true", default=False, help="image-feature distillation")
-    group.add_argument("--teacher-model-name", default=None, help="teacher: cn_clip name/checkpoint or ModelScope id")
-    group.add_argument("--kd_loss_weight", type=float, default=0.5, help="weight of the distillation loss")
+    group.add_argument("--distillation", action="store_true", default=False, help="feature distillation")
+    group.add_argument(
+        "--teacher-model-name", default=None, help="teacher: released name, checkpoint file or Hugging Face folder"
+    )
+    group.add_argument(
+        "--kd_loss_weight", "--distillation-weight", type=float, default=0.5, help="weight of each distillation loss"
+    )
+
+
+def _adaptation_check_args(parser: argparse.ArgumentParser) -> None:
+    """Distillation extras and the retention / pre-flight checks (docs/training.md)."""
+    group = parser.add_argument_group("distillation and retention")
+    group.add_argument(
+        "--distillation-towers", default="image,text", help="towers whose features are distilled: image, text or both"
+    )
+    group.add_argument("--teacher-download-root", default=None, help="released teachers' cache (default ~/.cache/clip)")
+    group.add_argument("--retention-data", default=None, help="zero-shot set (label_cn.txt + class folders) to watch")
+    group.add_argument("--retention-warn", type=float, default=5.0, help="warn when retention top-1 drops > N points")
+    group.add_argument("--valid-at-start", action="store_true", default=False, help="validate before the first step")
 
 
 def _launcher_args(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cn_clip.training.main", description="Contrastive fine-tuning of Chinese CLIP."
     )
-    for add in (_data_args, _log_args, _optim_args, _model_args, _loss_args, _launcher_args):
+    for add in (_data_args, _log_args, _optim_args, _model_args, _loss_args, _adaptation_check_args, _launcher_args):
         add(parser)
     return parser
 

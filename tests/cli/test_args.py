@@ -41,6 +41,9 @@ ADDED = {
         **_SOURCES, "train_num_samples": None, "val_num_samples": None, "dataset_resampled": False,
         "train_data_upsampling_factors": None, "shuffle": True, "shuffle_window": 1000,
         "loss": "clip",  # --loss siglip (docs/scores.md)
+        # adaptation (docs/training.md)
+        "distillation_towers": "image,text", "teacher_download_root": None, "retention_data": None,
+        "retention_warn": 5.0, "valid_at_start": False,
     },
     "topk": {"calibration": None},  # probabilities from a calib.json (docs/scores.md)
     "run": {"calibrate": None},

@@ -91,7 +91,7 @@ def _value(argv: list[str], flag: str) -> str:
 
 
 def test_muge_defaults_are_the_reference_recipe(tmp_path: Path) -> None:
-    argv = _run("muge_finetune.sh", tmp_path, {"GPUS_PER_NODE": "2"})
+    argv = _run("muge_finetune.sh", tmp_path, {"GPUS_PER_NODE": "2", "RESUME": ""})
     assert argv[0] == "torchrun" and argv[argv.index("--nproc_per_node") + 1] == "2"
     assert argv[argv.index("-m") + 1 : argv.index("-m") + 3] == ["cn_clip.training.main", "--"]
     expected = {
@@ -110,7 +110,34 @@ def test_muge_defaults_are_the_reference_recipe(tmp_path: Path) -> None:
     for flag, value in expected.items():
         assert _value(argv, flag) == value, flag
     assert "--use-augment" in argv and "--report-training-batch-acc" in argv
-    assert "--resume" not in argv  # the default pretrained file does not exist
+    assert "--resume" not in argv  # RESUME= (empty): explicitly from scratch
+
+
+def test_missing_released_weights_are_an_error_naming_file_and_download(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text("#!/usr/bin/env bash\necho started\n")
+    (bin_dir / "torchrun").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    result = subprocess.run(
+        ["bash", str(SCRIPTS / "muge_finetune.sh"), str(tmp_path / "data")], capture_output=True, text=True, env=env
+    )
+    weights = tmp_path / "data" / "pretrained_weights" / "clip_cn_vit-b-16.pt"
+    assert result.returncode == 2 and "started" not in result.stdout
+    assert result.stderr.count("\n") == 1 and f"error: {weights} not found" in result.stderr
+    assert f"released_file('ViT-B-16', '{weights.parent}')" in result.stderr and "RESUME= (empty)" in result.stderr
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"")
+    argv = _run("muge_finetune.sh", tmp_path, {})
+    assert _value(argv, "--resume") == str(weights) and "--reset-data-offset" in argv
+
+
+def test_distillation_script_takes_the_teacher_from_the_environment(tmp_path: Path) -> None:
+    argv = _run("muge_finetune_vit-b-16_rbt-base_distillation.sh", tmp_path, {"RESUME": "", "TEACHER": "/t/teacher"})
+    assert "--distillation" in argv and _value(argv, "--teacher-model-name") == "/t/teacher"
+    assert _value(argv, "--teacher-download-root") == f"{tmp_path}/data/pretrained_weights"
+    default = _run("muge_finetune_vit-b-16_rbt-base_distillation.sh", tmp_path, {"RESUME": ""})
+    assert _value(default, "--teacher-model-name") == "ViT-L-14" and _value(default, "--distillation-weight") == "0.5"
 
 
 def test_env_and_extra_flags_override(tmp_path: Path) -> None:
@@ -129,7 +156,9 @@ def test_env_and_extra_flags_override(tmp_path: Path) -> None:
 
 
 def test_coco_and_deepspeed(tmp_path: Path) -> None:
-    argv = _run("coco-cn_finetune_vit-b-16_rbt-base.sh", tmp_path, {"DEEPSPEED": "1", "GPUS_PER_NODE": "1"})
+    argv = _run(
+        "coco-cn_finetune_vit-b-16_rbt-base.sh", tmp_path, {"DEEPSPEED": "1", "GPUS_PER_NODE": "1", "RESUME": ""}
+    )
     assert argv[0] == "deepspeed" and "--deepspeed" in argv
     assert _value(argv, "--deepspeed_config").endswith("ds_config_zero2.json")
     assert _value(argv, "--batch-size") == "1024" and "--grad-checkpointing" in argv
