@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_same_architecture(zeroshot, finetuned, (args.zeroshot, args.finetuned))
     alpha = args.alpha
     if args.alphas is not None:
-        from cn_clip.eval.features import resolve_device
+        from cn_clip.runtime import resolve_device
 
         cfg = SweepCfg(
             args.eval_data,
