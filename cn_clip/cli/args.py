@@ -16,6 +16,8 @@ def _tower_name(kind: str):
         from cn_clip.models.registry import list_towers
 
         towers = list_towers(kind)
+        if kind == "text" and value.startswith("hf:") and len(value) > 3:
+            return value  # a Hugging Face folder, checked when the tower is built
         if value.replace("/", "-") not in towers:
             raise argparse.ArgumentTypeError(f"unknown {kind} model {value!r}; choose from {', '.join(towers)}")
         return value
@@ -32,7 +34,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--text-model",
         type=_tower_name("text"),
         default="RoBERTa-wwm-ext-base-chinese",
-        help="text tower (see list_towers())",
+        help="text tower (see list_towers()), or hf:FOLDER for any Hugging Face encoder",
     )
 
 

@@ -120,8 +120,10 @@ class LMDBDataset:
         transform: Callable | None = None,
         resolution: int = 224,
         on_bad_sample: str = "fail",
+        tokenizer: Any = None,
     ) -> None:
         path = Path(lmdb_path)
+        self.tokenizer = tokenizer  # the architecture's (cn_clip.tokenizer.get_tokenizer); None = Chinese WordPiece
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ConfigError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
         if not path.is_dir():
@@ -165,7 +167,7 @@ class LMDBDataset:
         return decode_image(b64, image_id)
 
     def _load(self, sample: int) -> tuple[Any, Any, int]:
-        from cn_clip.tokenizer import normalize_text, tokenize
+        from cn_clip.tokenizer import get_tokenizer
 
         image_id, _text_id, text = self.read_pair(sample)
         raw = self.read_image(image_id)
@@ -173,9 +175,11 @@ class LMDBDataset:
             image = self.transform(raw)
         except DataError as exc:
             raise DataError(f"image_id {image_id}: {exc}") from None
-        ids = tokenize([normalize_text(text)], context_length=self.max_txt_length)[0]
-        eos_index = int((ids == SEP_ID).nonzero()[0, 0])
-        return image, ids, eos_index
+        tokenizer = self.tokenizer or get_tokenizer()
+        ids = tokenizer([tokenizer.normalize(text)], self.max_txt_length)[0]
+        if self.tokenizer is None:
+            return image, ids, int((ids == SEP_ID).nonzero()[0, 0])
+        return image, ids, int((ids != tokenizer.pad_id).nonzero()[-1, 0])  # the last real token
 
     def __getitem__(self, index: int) -> tuple[Any, Any, int]:
         sample = index % self.number_samples
@@ -253,7 +257,7 @@ class JsonlTextDataset:
     Only ``text_id`` and ``text`` are needed (``image_ids`` may be absent); ids keep their JSON type.
     """
 
-    def __init__(self, path: str | os.PathLike, context_length: int = 52) -> None:
+    def __init__(self, path: str | os.PathLike, context_length: int = 52, tokenizer: Any = None) -> None:
         import json
 
         path = Path(path)
@@ -269,12 +273,14 @@ class JsonlTextDataset:
                 raise DataError(f"{path.name}:{line_no}: needs a text_id and a string text")
             self.records.append((obj["text_id"], obj["text"]))
         self.context_length = context_length
+        self.tokenizer = tokenizer  # the architecture's; None = Chinese WordPiece
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[formats.Id, Any]:
-        from cn_clip.tokenizer import normalize_text, tokenize
+        from cn_clip.tokenizer import get_tokenizer
 
         text_id, text = self.records[index]
-        return text_id, tokenize([normalize_text(text)], context_length=self.context_length)[0]
+        tokenizer = self.tokenizer or get_tokenizer()
+        return text_id, tokenizer([tokenizer.normalize(text)], self.context_length)[0]

@@ -124,6 +124,7 @@ class DataCfg:
     context_length: int = 52  # tokens incl. [CLS]/[SEP]
     seed: int = 123  # the sampler's shuffle and the per-item augmentation seeds
     on_bad_sample: str = "fail"  # an unreadable pair: "fail" or "skip"
+    tokenizer: Any = None  # the architecture's (cn_clip.tokenizer.get_tokenizer); None = Chinese WordPiece
 
 
 @dataclasses.dataclass
@@ -136,7 +137,8 @@ class DataInfo:
     batch_size: int
 
 
-def _build_dataset(path: str, split: str, resolution: int, context_length: int, augment: bool, on_bad: str) -> Any:
+def _build_dataset(path: str, split: str, resolution: int, cfg: DataCfg, augment: bool) -> Any:
+    context_length, on_bad = cfg.context_length, cfg.on_bad_sample
     if path.startswith(SYNTHETIC_PREFIX):
         from cn_clip.data.synthetic import SyntheticDataset
 
@@ -145,19 +147,19 @@ def _build_dataset(path: str, split: str, resolution: int, context_length: int, 
             count, classes = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
         except ValueError:
             raise ConfigError(f"{path!r}: use synthetic:N or synthetic:N:CLASSES") from None
-        return SyntheticDataset(count, resolution, context_length, seed=0, num_classes=classes)
+        return SyntheticDataset(count, resolution, context_length, seed=0, num_classes=classes, tokenizer=cfg.tokenizer)
     from cn_clip.data.lmdb_dataset import LMDBDataset
     from cn_clip.transforms import image_transform, train_transform
 
     transform = train_transform(resolution) if augment else image_transform(resolution)
-    return LMDBDataset(path, split, context_length, transform=transform, on_bad_sample=on_bad)
+    return LMDBDataset(path, split, context_length, transform=transform, on_bad_sample=on_bad, tokenizer=cfg.tokenizer)
 
 
 def build_split(name: str, split: SplitCfg, cfg: DataCfg, world_size: int, rank: int, resolution: int) -> DataInfo:
     """The loader of split ``name`` ("train" or "val") for this rank, at the model's image ``resolution``."""
     from torch.utils.data import DataLoader
 
-    dataset = _build_dataset(split.path, name, resolution, cfg.context_length, split.augment, cfg.on_bad_sample)
+    dataset = _build_dataset(split.path, name, resolution, cfg, split.augment)
     global_batch = split.batch_size * world_size
     real = len(dataset)
     padded = -(-real // global_batch) * global_batch

@@ -75,6 +75,11 @@ def _no_resnet(cfg: CLIPCfg) -> None:
             f"{cfg.name or 'this model'}: the ResNet image tower has no Hugging Face ChineseCLIPModel counterpart "
             "(transformers only implements the ViT towers); use the reference checkpoint or ONNX instead"
         )
+    if cfg.text.kind != "bert":
+        raise ConfigError(
+            f"{cfg.name or 'this model'}: ChineseCLIPModel holds a BERT text tower; a model with a Hugging Face "
+            "text tower converts with `python -m cn_clip.convert to-open-clip`"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------

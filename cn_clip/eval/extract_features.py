@@ -25,6 +25,7 @@ from cn_clip.errors import ConfigError
 from cn_clip.eval import features as F
 from cn_clip.eval.features import default_output_paths
 from cn_clip.runtime import shutdown
+from cn_clip.tokenizer import get_tokenizer
 
 _logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         img_batch_size=args.img_batch_size,
         text_batch_size=args.text_batch_size,
         context_length=args.context_length,
+        tokenizer=get_tokenizer(model.cfg),
         num_workers=args.num_workers,
         npy_dtype=args.npy_dtype,
         image_id_type=args.image_id_type,

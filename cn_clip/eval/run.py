@@ -34,6 +34,7 @@ from cn_clip.eval import features as F
 from cn_clip.eval.directions import IMAGE_TO_TEXT, TEXT_TO_IMAGE, Direction
 from cn_clip.fileio import atomic_write
 from cn_clip.runtime import resolve_device, shutdown
+from cn_clip.tokenizer import get_tokenizer
 
 _logger = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ def evaluate_split(args: argparse.Namespace) -> dict[str, Any] | None:
         img_batch_size=args.img_batch_size,
         text_batch_size=args.text_batch_size,
         context_length=args.context_length,
+        tokenizer=get_tokenizer(model.cfg),
         num_workers=args.num_workers,
         image_id_type=args.image_id_type,
         progress=not args.no_progress,
