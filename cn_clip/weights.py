@@ -2,7 +2,7 @@
 
 Accepts the reference's files (``{"state_dict": {"module.…": …}, "epoch", "step", …}``), flat state dicts, keys with
 or without ``module.``, with or without ``bert.pooler.*`` and in the flash-attention layout; ``.safetensors`` too;
-open_clip's checkpoints (see :mod:`cn_clip.models.openclip_layout`).
+open_clip's checkpoints (see :mod:`cn_clip.models.clip_layouts`).
 Pickles are read with ``weights_only=True``: a file that tries to run code is refused.
 """
 
@@ -194,7 +194,7 @@ def load_state_dict_strict(model: torch.nn.Module, state: Mapping[str, torch.Ten
     """Copy ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error that names it."""
     state = clean_state_dict(state)
     expected = model.state_dict()
-    from cn_clip.models.openclip_layout import from_plain_open_clip, is_plain_open_clip
+    from cn_clip.models.clip_layouts import from_plain_open_clip, is_plain_open_clip
 
     if is_plain_open_clip(state):  # open_clip's plain CLIP: its text transformer becomes a CLIPTextModel tower
         state = from_plain_open_clip(state, any(k.startswith("text.transformer.text_model.") for k in expected))

@@ -2,7 +2,7 @@
 
 open_clip models with a Hugging Face text tower (``xlm-roberta-base-ViT-B-32``, ``xlm-roberta-large-ViT-H-14``,
 ``roberta-ViT-B-32``) share our keys; open_clip's plain CLIP (e.g. ``ViT-B-32``) keeps OpenAI's text transformer,
-which we hold as a Hugging Face ``CLIPTextModel`` tower (key map: :mod:`cn_clip.models.openclip_layout`).
+which we hold as a Hugging Face ``CLIPTextModel`` tower (key map: :mod:`cn_clip.models.clip_layouts`).
 ``to-open-clip`` writes the weights and the open_clip model config that rebuilds the same network.
 """
 
@@ -25,7 +25,7 @@ _POOLER_NAMES = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
 
 def resolve_architecture(arch: str) -> str:
     """Our ``vision@text`` for an open_clip model name (``xlm-roberta-base-ViT-B-32``) or ours as given."""
-    from cn_clip.models.openclip_layout import OPEN_CLIP_ARCHITECTURES
+    from cn_clip.models.clip_layouts import OPEN_CLIP_ARCHITECTURES
 
     return OPEN_CLIP_ARCHITECTURES.get(arch, arch)
 
@@ -88,8 +88,8 @@ def checkpoint_to_open_clip(checkpoint: str | Path, out_dir: str | Path, arch: s
     import torch
 
     from cn_clip.fileio import atomic_dir
+    from cn_clip.models.clip_layouts import to_plain_open_clip
     from cn_clip.models.factory import create_model
-    from cn_clip.models.openclip_layout import to_plain_open_clip
 
     model = create_model(resolve_architecture(arch), checkpoint)
     config = open_clip_model_config(model.cfg)

@@ -98,8 +98,8 @@ def test_to_open_clip_features_match_open_clip(name: str, tmp_path: Path) -> Non
 
 def test_open_clip_names_resolve_to_registered_towers() -> None:
     from cn_clip.deploy.openclip import open_clip_model_config, resolve_architecture
+    from cn_clip.models.clip_layouts import OPEN_CLIP_ARCHITECTURES
     from cn_clip.models.factory import resolve_config
-    from cn_clip.models.openclip_layout import OPEN_CLIP_ARCHITECTURES
 
     for oc_name, arch in OPEN_CLIP_ARCHITECTURES.items():
         assert resolve_architecture(oc_name) == arch

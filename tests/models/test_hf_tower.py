@@ -159,9 +159,13 @@ def test_hf_tower_errors(tower: str, message: str) -> None:
         create_model(f"ViT-Tiny@{tower}")
 
 
-def test_tower_json_is_checked(tmp_path: Path) -> None:
+def test_tower_json_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cn_clip.models import registry
     from cn_clip.models.registry import add_model_config
 
+    registry.list_towers()  # scan the built-in towers, then register the broken ones into copies
+    monkeypatch.setattr(registry, "_TOWERS", dict(registry._TOWERS))
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
     bad = tmp_path / "bad-pooler.json"
     bad.write_text(json.dumps({"hf_model": str(XLMR), "pooler": "max"}))
     add_model_config(bad)

@@ -1,16 +1,18 @@
-"""open_clip checkpoints ↔ ours: key maps and the open_clip model names we know.
+"""Key layouts: OpenAI-style transformer blocks ↔ Hugging Face CLIP encoder layers, and open_clip checkpoints ↔ ours.
 
-A CLIP with a Hugging Face text tower has the same keys in both (``visual.*`` in OpenAI's ViT layout,
+OpenAI's block keys (``ln_1``, ``attn.in_proj_*``, ``attn.out_proj``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``) map to
+Hugging Face's CLIP layer keys (``layer_norm1``, ``self_attn.{q,k,v}_proj``, ``self_attn.out_proj``, ``layer_norm2``,
+``mlp.fc1``, ``mlp.fc2``); the packed q/k/v rows split in three. ``deploy/hf.py`` uses it for ChineseCLIPModel's image
+tower and this module for open_clip's plain text tower.
+
+A CLIP with a Hugging Face text tower has the same keys in open_clip and here (``visual.*`` in OpenAI's ViT layout,
 ``text.transformer.*``, ``text.proj.*``, ``logit_scale``), so only non-persistent buffers differ. open_clip's plain
 CLIP keeps OpenAI's text transformer at the top level; ours holds it as a Hugging Face ``CLIPTextModel`` tower
 (``pooler: eos``, ``proj: linear``). Its map (open_clip → ours):
 
     token_embedding.weight                     text.transformer.[text_model.]embeddings.token_embedding.weight
     positional_embedding [L, W]                …embeddings.position_embedding.weight
-    transformer.resblocks.i.ln_1 / ln_2        …encoder.layers.i.layer_norm1 / layer_norm2
-    transformer.resblocks.i.attn.in_proj_*     …encoder.layers.i.self_attn.{q,k,v}_proj.*   (split in three)
-    transformer.resblocks.i.attn.out_proj      …encoder.layers.i.self_attn.out_proj
-    transformer.resblocks.i.mlp.c_fc / c_proj  …encoder.layers.i.mlp.fc1 / fc2
+    transformer.resblocks.i.*                  …encoder.layers.i.*                          (the block map above)
     ln_final                                   …final_layer_norm
     text_projection [W, E]                     text.proj.weight [E, W]                      (transposed)
 """
@@ -24,6 +26,52 @@ import torch
 
 from cn_clip.errors import CheckpointError
 
+LAYER_RENAMES = {
+    "attn.out_proj.weight": "self_attn.out_proj.weight",
+    "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "ln_1.weight": "layer_norm1.weight",
+    "ln_1.bias": "layer_norm1.bias",
+    "ln_2.weight": "layer_norm2.weight",
+    "ln_2.bias": "layer_norm2.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+    "mlp.c_proj.bias": "mlp.fc2.bias",
+}
+_HF_QKV = re.compile(r"^self_attn\.([qkv])_proj\.(weight|bias)$")
+
+
+def block_to_hf(prefix: str, rest: str, value: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
+    """One OpenAI block tensor (``rest`` = its key inside the block) → Hugging Face layer keys under ``prefix``."""
+    if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+        kind = rest.rsplit("_", 1)[1]
+        parts = zip("qkv", value.chunk(3, dim=0), strict=True)
+        return {f"{prefix}self_attn.{n}_proj.{kind}": part.clone() for n, part in parts}
+    if rest not in LAYER_RENAMES:
+        raise CheckpointError(f"no Hugging Face counterpart for key {key!r}")
+    return {prefix + LAYER_RENAMES[rest]: value.clone()}
+
+
+def blocks_from_hf(layers: Mapping[tuple[int, str], torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Hugging Face layer tensors keyed ``(index, key inside the layer)`` → OpenAI block keys under ``prefix``
+    (``{prefix}{index}.…``), q/k/v packed back into ``attn.in_proj_*``."""
+    inverse = {v: k for k, v in LAYER_RENAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for (index, rest), value in layers.items():
+        if attn := _HF_QKV.match(rest):
+            qkv.setdefault((index, attn.group(2)), {})[attn.group(1)] = value
+        elif rest in inverse:
+            out[f"{prefix}{index}.{inverse[rest]}"] = value.clone()
+        else:
+            raise CheckpointError(f"layer {index}: unexpected Hugging Face key {rest!r}")
+    for (index, kind), parts in qkv.items():
+        if sorted(parts) != ["k", "q", "v"]:
+            raise CheckpointError(f"layer {index}: q/k/v {kind} incomplete (have {sorted(parts)})")
+        out[f"{prefix}{index}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
 # open_clip's pretrained multilingual / HF-text CLIPs → our "vision@text" (configs/*.json ship both towers).
 OPEN_CLIP_ARCHITECTURES = {
     "xlm-roberta-base-ViT-B-32": "ViT-B-32-gelu@xlm-roberta-base",
@@ -32,13 +80,6 @@ OPEN_CLIP_ARCHITECTURES = {
 }
 _DROPPED = ("attn_mask",)  # open_clip's causal-mask buffer (persistent in old releases)
 _BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
-_BLOCK_NAMES = {
-    "ln_1": "layer_norm1",
-    "ln_2": "layer_norm2",
-    "attn.out_proj": "self_attn.out_proj",
-    "mlp.c_fc": "mlp.fc1",
-    "mlp.c_proj": "mlp.fc2",
-}
 
 
 def is_plain_open_clip(state: Mapping[str, torch.Tensor]) -> bool:
@@ -63,16 +104,7 @@ def from_plain_open_clip(state: Mapping[str, torch.Tensor], text_model_keys: boo
         block = _BLOCK.match(key)
         if block:
             index, rest = block.groups()
-            layer = f"{prefix}encoder.layers.{index}."
-            if rest.startswith("attn.in_proj_"):
-                kind = rest.removeprefix("attn.in_proj_")
-                for name, chunk in zip("qkv", value.chunk(3, dim=0), strict=True):
-                    out[f"{layer}self_attn.{name}_proj.{kind}"] = chunk.clone()
-                continue
-            stem, _, kind = rest.rpartition(".")
-            if stem not in _BLOCK_NAMES:
-                raise CheckpointError(f"open_clip text key {key}: no CLIPTextModel counterpart")
-            out[f"{layer}{_BLOCK_NAMES[stem]}.{kind}"] = value
+            out.update(block_to_hf(f"{prefix}encoder.layers.{index}.", rest, value, key))
         elif key == "token_embedding.weight":
             out[f"{prefix}embeddings.token_embedding.weight"] = value
         elif key == "positional_embedding":
@@ -92,20 +124,13 @@ def to_plain_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     """The inverse of :func:`from_plain_open_clip` (q/k/v merged back into ``in_proj_*``)."""
     text_model_keys = any(k.startswith("text.transformer.text_model.") for k in state)
     prefix = _hf_prefix(text_model_keys)
-    names = {v: k for k, v in _BLOCK_NAMES.items()}
-    layer_re = re.compile(rf"^{re.escape(prefix)}encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+    layer_re = re.compile(rf"^{re.escape(prefix)}encoder\.layers\.(\d+)\.(.+)$")
+    layers: dict[tuple[int, str], torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         layer = layer_re.match(key)
         if layer:
-            index, stem, kind = layer.groups()
-            base = f"transformer.resblocks.{index}."
-            if stem in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                if stem == "self_attn.q_proj":
-                    parts = [state[key.replace(".q_proj.", f".{n}_proj.")] for n in "qkv"]
-                    out[f"{base}attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
-                continue
-            out[f"{base}{names[stem]}.{kind}"] = value
+            layers[(int(layer.group(1)), layer.group(2))] = value
         elif key == f"{prefix}embeddings.token_embedding.weight":
             out["token_embedding.weight"] = value
         elif key == f"{prefix}embeddings.position_embedding.weight":
@@ -118,4 +143,5 @@ def to_plain_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             raise CheckpointError(f"{key}: no counterpart in open_clip's plain CLIP text tower")
         else:
             out[key] = value
+    out.update(blocks_from_hf(layers, "transformer.resblocks."))
     return out
