@@ -196,3 +196,58 @@ def test_import_stays_light() -> None:
     code = "import cn_clip, sys; cn_clip.get_tokenizer; print('transformers' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def _read_features(path: Path) -> dict:
+    return {row["text_id"]: np.array(row["feature"]) for row in map(json.loads, path.read_text().splitlines())}
+
+
+def test_torch_and_onnx_extraction_tokenise_with_the_tower(tmp_path: Path) -> None:
+    """extract_features (PyTorch) and pytorch_to_onnx + extract_features_onnx with an hf: tower give the features of
+    the tower's own tokenizer."""
+    pytest.importorskip("onnxruntime")
+    from cn_clip.deploy.pytorch_to_onnx import main as to_onnx
+    from cn_clip.eval.extract_features import main as extract
+    from cn_clip.eval.extract_features_onnx import main as extract_onnx
+
+    torch.manual_seed(3)
+    model = create_model(XLMR_ARCH)
+    ckpt = tmp_path / "xlmr.pt"
+    torch.save({"epoch": 1, "step": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    texts = tmp_path / "valid_texts.jsonl"
+    texts.write_text("".join(json.dumps({"text_id": i, "text": t}) + "\n" for i, t in enumerate(CAPTIONS)))
+    common = ["--extract-text-feats", "--text-data", str(texts), "--vision-model", "ViT-Tiny"]
+    common += ["--text-model", f"hf:{XLMR}", "--context-length", "24", "--num-workers", "0", "--device", "cpu"]
+    torch_out, onnx_out = tmp_path / "torch.jsonl", tmp_path / "onnx.jsonl"
+    argv = [*common, "--resume", str(ckpt), "--precision", "fp32", "--text-feat-output-path", str(torch_out)]
+    assert extract(argv) == 0
+    prefix = tmp_path / "onnx" / "xlmr"
+    argv = ["--model-arch", XLMR_ARCH, "--pytorch-ckpt-path", str(ckpt), "--save-onnx-path", str(prefix)]
+    assert to_onnx([*argv, "--convert-text", "--context-length", "24"]) == 0
+    argv = [*common, "--onnx-text-model", f"{prefix}.txt.fp32.onnx", "--text-feat-output-path", str(onnx_out)]
+    assert extract_onnx(argv) == 0
+    with torch.no_grad():
+        expected = model.encode_text(get_tokenizer(model.cfg)(CAPTIONS, 24))
+    expected = (expected / expected.norm(dim=-1, keepdim=True)).numpy()
+    for path in (torch_out, onnx_out):
+        got = _read_features(path)
+        np.testing.assert_allclose(np.stack([got[i] for i in range(len(CAPTIONS))]), expected, atol=1e-5, rtol=0)
+
+
+def test_zero_shot_and_search_queries_tokenise_with_the_tower() -> None:
+    from cn_clip.eval import zeroshot as Z
+    from cn_clip.search.query import encode_query
+
+    model = create_model(XLMR_ARCH)
+    tokenizer = get_tokenizer(model.cfg)
+    templates = [f"a photo of a {Z.PLACEHOLDER}.", f"ein Foto: {Z.PLACEHOLDER}"]
+    with torch.no_grad():
+        classifier = Z.build_classifier(
+            model.encode_text, ["Cat", "猫"], templates, 24, progress=False, tokenizer=tokenizer
+        )
+        rows = model.encode_text(tokenizer([Z.fill(t, "Cat") for t in templates], 24))
+        query = encode_query(model, {"context_length": 24}, "a photo of a Cat.", None, "cpu")
+    rows = rows / rows.norm(dim=-1, keepdim=True)
+    mean = rows.mean(0) / rows.mean(0).norm()
+    np.testing.assert_allclose(classifier[:, 0], mean.numpy(), atol=1e-5, rtol=0)  # case kept: "Cat", not "cat"
+    np.testing.assert_allclose(query[0], rows[0].numpy(), atol=1e-5, rtol=0)
