@@ -26,8 +26,12 @@ _HF_DEFAULT_POOLER = {"bert": "cls", "clip_text_model": "eos", "clip": "eos"}
 
 
 def _normalise_name(name: str) -> str:
-    # The reference maps "/" to "-" in tower names (e.g. "ViT-B/16"); an hf: path is kept as written.
-    return name if name.startswith(HF_PREFIX) else name.replace("/", "-")
+    # The reference maps "/" to "-" in tower names (e.g. "ViT-B/16"). An hf: folder becomes absolute, so that
+    # names stored with results (a search index's meta.json) work from any directory; a hub id is kept.
+    if name.startswith(HF_PREFIX):
+        folder = Path(name[len(HF_PREFIX) :]).expanduser()
+        return f"{HF_PREFIX}{folder.resolve()}" if len(name) > len(HF_PREFIX) and folder.is_dir() else name
+    return name.replace("/", "-")
 
 
 def hf_tower_config(name: str) -> dict[str, Any]:

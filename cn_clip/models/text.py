@@ -143,7 +143,10 @@ class HFTextTower(nn.Module):
             model.pooler = None  # the CLIP pools the hidden states itself
         self.transformer = model
         self.pad_id = int(config.pad_token_id)
-        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+        # RoBERTa-style embeddings number positions from padding_idx + 1, so they hold that many fewer tokens.
+        offset = getattr(getattr(model, "embeddings", None), "padding_idx", None)
+        positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+        self.max_tokens = positions - (offset + 1 if isinstance(offset, int) else 0) if positions else None
         width = hf_width(config)
         if cfg.proj == "linear":
             self.proj: nn.Module = nn.Linear(width, embed_dim, bias=False)
@@ -161,6 +164,11 @@ class HFTextTower(nn.Module):
         """``trim=False`` keeps every padding column (masked): a traced ONNX graph cannot drop columns."""
         if trim:
             text = trim_padding(text, self.pad_id)
+        if self.max_tokens is not None and text.shape[1] > self.max_tokens:
+            raise ValueError(
+                f"{text.shape[1]} tokens, but the text tower {self.cfg.hf_model} has positions for "
+                f"{self.max_tokens}: use --context-length {self.max_tokens} or less"
+            )
         mask = padding_mask(text, self.pad_id)
         hidden = self.transformer(input_ids=text, attention_mask=mask).last_hidden_state  # [B, L, H]
         return self.proj(self.pool(hidden, mask))

@@ -57,6 +57,18 @@ def test_features_do_not_depend_on_padding(folder: Path, pooler: str, proj: str)
     assert model.encode_text(long).shape == (2, model.cfg.embed_dim)
 
 
+def test_context_beyond_the_positions_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = create_model(XLMR_ARCH)
+    assert model.text.max_tokens == 64  # 66 positions, numbered from padding_idx + 1 = 2
+    ids = get_tokenizer(model.cfg)([" ".join(["cat"] * 100)], 65)
+    with pytest.raises(ValueError, match="65 tokens, but the text tower .* has positions for 64"):
+        model.encode_text(ids)
+    assert model.encode_text(ids[:, :64]).shape == (1, 64)
+    assert create_model(f"ViT-Tiny@hf:{CLIP_TEXT}").text.max_tokens == 16
+    monkeypatch.chdir(HF_TOWERS)
+    assert resolve_config("ViT-Tiny@hf:tiny-xlm-roberta").name == XLMR_ARCH  # a folder is named absolutely
+
+
 def test_hf_tokenizer_rows() -> None:
     tokenizer = get_tokenizer(XLMR_ARCH)
     assert isinstance(tokenizer, HFTokenizer) and tokenizer is get_tokenizer(XLMR_ARCH)  # cached
