@@ -137,8 +137,9 @@ class DataInfo:
     batch_size: int
 
 
-def _build_dataset(path: str, split: str, resolution: int, cfg: DataCfg, augment: bool) -> Any:
-    context_length, on_bad = cfg.context_length, cfg.on_bad_sample
+def _build_dataset(
+    path: str, split: str, resolution: int, context_length: int, augment: bool, on_bad: str, tokenizer: Any = None
+) -> Any:
     if path.startswith(SYNTHETIC_PREFIX):
         from cn_clip.data.synthetic import SyntheticDataset
 
@@ -147,19 +148,21 @@ def _build_dataset(path: str, split: str, resolution: int, cfg: DataCfg, augment
             count, classes = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
         except ValueError:
             raise ConfigError(f"{path!r}: use synthetic:N or synthetic:N:CLASSES") from None
-        return SyntheticDataset(count, resolution, context_length, seed=0, num_classes=classes, tokenizer=cfg.tokenizer)
+        return SyntheticDataset(count, resolution, context_length, seed=0, num_classes=classes, tokenizer=tokenizer)
     from cn_clip.data.lmdb_dataset import LMDBDataset
     from cn_clip.transforms import image_transform, train_transform
 
     transform = train_transform(resolution) if augment else image_transform(resolution)
-    return LMDBDataset(path, split, context_length, transform=transform, on_bad_sample=on_bad, tokenizer=cfg.tokenizer)
+    return LMDBDataset(path, split, context_length, transform=transform, on_bad_sample=on_bad, tokenizer=tokenizer)
 
 
 def build_split(name: str, split: SplitCfg, cfg: DataCfg, world_size: int, rank: int, resolution: int) -> DataInfo:
     """The loader of split ``name`` ("train" or "val") for this rank, at the model's image ``resolution``."""
     from torch.utils.data import DataLoader
 
-    dataset = _build_dataset(split.path, name, resolution, cfg, split.augment)
+    dataset = _build_dataset(
+        split.path, name, resolution, cfg.context_length, split.augment, cfg.on_bad_sample, cfg.tokenizer
+    )
     global_batch = split.batch_size * world_size
     real = len(dataset)
     padded = -(-real // global_batch) * global_batch
