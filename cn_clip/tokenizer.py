@@ -23,6 +23,7 @@ imports neither torch, numpy, tokenizers nor transformers at module level.
 from __future__ import annotations
 
 import functools
+import html
 import itertools
 import logging
 import re
@@ -310,6 +311,8 @@ class FullTokenizer:
     fastest exact lane per text. ``use_fast=False`` keeps Rust out (the shortcuts stay: they are pure Python).
     """
 
+    pad_id = 0  # [PAD]
+
     def __init__(self, vocab_file: str | Path | None = None, do_lower_case: bool = True, use_fast: bool = True) -> None:
         self.vocab_file = Path(vocab_file) if vocab_file is not None else VOCAB_PATH
         self.vocab = load_vocab(self.vocab_file)
@@ -358,6 +361,17 @@ class FullTokenizer:
     def vocab_size(self) -> int:
         """Number of vocabulary entries (21128 for the shipped vocabulary)."""
         return len(self.vocab)
+
+    def __call__(
+        self, texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, warn_truncation: bool = False
+    ) -> torch.LongTensor:
+        """:func:`tokenize` with this tokenizer's vocabulary (the interface every tokenizer of an arch shares)."""
+        return _tokenize_with(self, texts, context_length, warn_truncation)
+
+    @staticmethod
+    def normalize(text: str) -> str:
+        """:func:`normalize_text`: the reference's training/evaluation text preparation."""
+        return normalize_text(text)
 
     # -- ids -------------------------------------------------------------------------------------------------------
 
@@ -469,9 +483,86 @@ _CLEANUP_REPLACEMENTS = (
 
 
 @functools.lru_cache(maxsize=1)
-def get_tokenizer() -> FullTokenizer:
-    """The shared tokenizer over the shipped ``vocab.txt``, built on first call."""
+def _wordpiece() -> FullTokenizer:
     return FullTokenizer()
+
+
+def get_tokenizer(arch: Any = None) -> FullTokenizer | HFTokenizer:
+    """The tokenizer of an architecture, built on first call and cached.
+
+    ``arch``: None, a ``"vision@text"`` name, a released name, a ``CLIPCfg`` or a text tower config. The BERT
+    towers (every released Chinese tower) get the shared WordPiece over the shipped ``vocab.txt``, id-identical to
+    the reference; a Hugging Face tower gets its folder's ``AutoTokenizer`` (:class:`HFTokenizer`). Both are called
+    the same way: ``tokenizer(texts, context_length) -> LongTensor[N, context_length]``, and
+    ``tokenizer.normalize(text)`` is the training/evaluation text preparation.
+    """
+    text_cfg = _text_cfg_of(arch)
+    if text_cfg is None or text_cfg.kind == "bert":
+        return _wordpiece()
+    return _hf_tokenizer(text_cfg.hf_model, text_cfg.context_length)
+
+
+def _text_cfg_of(arch: Any) -> Any:
+    if arch is None:
+        return None
+    if isinstance(arch, str):
+        from cn_clip.models.factory import resolve_config
+
+        return resolve_config(arch).text
+    return getattr(arch, "text", arch)
+
+
+@functools.lru_cache(maxsize=8)
+def _hf_tokenizer(hf_model: str, context_length: int) -> HFTokenizer:
+    return HFTokenizer(hf_model, context_length)
+
+
+class HFTokenizer:
+    """A Hugging Face tower's ``AutoTokenizer`` with :func:`tokenize`'s interface.
+
+    Rows are the tokenizer's own special tokens around the text, cut to ``context_length`` (special tokens kept)
+    and right-padded with the model config's ``pad_token_id``, which is what the tower masks. Text is
+    whitespace-collapsed first, as open_clip's ``HFTokenizer`` does; case is kept (these vocabularies are cased).
+    """
+
+    def __init__(self, hf_model: str, context_length: int = 77) -> None:
+        from transformers import AutoTokenizer
+
+        from cn_clip.models.text import load_hf_text_config, resolve_hf_folder
+
+        folder = resolve_hf_folder(hf_model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{folder}: no tokenizer files AutoTokenizer can read ({exc})") from exc
+        self.hf_model = hf_model
+        self.pad_id = int(load_hf_text_config(hf_model).pad_token_id)
+        self.context_length = context_length
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.hf_model!r}, context_length={self.context_length})"
+
+    @staticmethod
+    def normalize(text: str) -> str:
+        return text
+
+    @staticmethod
+    def clean(text: str | bytes) -> str:
+        """HTML entities decoded (twice, as open_clip) and whitespace runs collapsed to one space."""
+        return " ".join(html.unescape(html.unescape(to_unicode(text))).split())
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.LongTensor:
+        import torch
+
+        length = context_length or self.context_length
+        if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+            raise ValueError(f"context_length must be an integer >= 2, got {length!r}")
+        items = _as_text_list(texts)
+        encoded = self.tokenizer([self.clean(text) for text in items], max_length=length, truncation=True)["input_ids"]
+        rows = torch.full((len(encoded), length), self.pad_id, dtype=torch.long)
+        for row, ids in zip(rows, encoded, strict=True):
+            row[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return rows
 
 
 def normalize_text(text: str) -> str:
@@ -516,12 +607,17 @@ def tokenize(
     Longer texts are cut silently, as in the reference; ``warn_truncation=True`` logs a warning naming them.
     Text is not normalised (see :func:`normalize_text`).
     """
+    return _tokenize_with(_wordpiece(), texts, context_length, warn_truncation)
+
+
+def _tokenize_with(
+    tokenizer: FullTokenizer, texts: str | Sequence[str], context_length: int, warn_truncation: bool
+) -> torch.LongTensor:
     import numpy as np
     import torch
 
     context_length = _check_context_length(context_length)
     items = _as_text_list(texts)
-    tokenizer = get_tokenizer()
     all_ids = tokenizer.encode_batch(items)
     keep = context_length - 2
     rows = np.zeros((len(all_ids), context_length), dtype=np.int64)

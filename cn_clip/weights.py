@@ -1,7 +1,8 @@
 """Safe checkpoint reading and strict, explained state-dict loading.
 
 Accepts the reference's files (``{"state_dict": {"module.…": …}, "epoch", "step", …}``), flat state dicts, keys with
-or without ``module.``, with or without ``bert.pooler.*`` and in the flash-attention layout; ``.safetensors`` too.
+or without ``module.``, with or without ``bert.pooler.*`` and in the flash-attention layout; ``.safetensors`` too;
+open_clip's checkpoints (see :mod:`cn_clip.models.clip_layouts`).
 Pickles are read with ``weights_only=True``: a file that tries to run code is refused.
 """
 
@@ -160,7 +161,12 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Standard layout, no ``module.`` prefix, no pooler (released files never had one; our model has none)."""
     state = from_flash_layout(strip_prefix(state))
-    return {k: v for k, v in state.items() if not k.startswith("bert.pooler.") and not k.endswith("position_ids")}
+    # position_ids / token_type_ids: buffers that older transformers saved and current ones do not
+    return {
+        k: v
+        for k, v in state.items()
+        if not k.startswith("bert.pooler.") and not k.endswith(("position_ids", ".embeddings.token_type_ids"))
+    }
 
 
 def resize_pos_embed(
@@ -198,8 +204,12 @@ def load_state_dict_strict(
     model's dtype (fp16 files load as fp32) instead of copying them into freshly initialised ones.
     """
     state = clean_state_dict(state)
-    resize_pos_embed(state, model)
     expected = model.state_dict()
+    from cn_clip.models.clip_layouts import from_plain_open_clip, is_plain_open_clip
+
+    if is_plain_open_clip(state):  # open_clip's plain CLIP: its text transformer becomes a CLIPTextModel tower
+        state = from_plain_open_clip(state, any(k.startswith("text.transformer.text_model.") for k in expected))
+    resize_pos_embed(state, model)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [

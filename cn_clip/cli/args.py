@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cn_clip.runtime import PRECISIONS
 
@@ -20,6 +20,8 @@ def _tower_name(kind: str):
         from cn_clip.models.registry import list_towers
 
         towers = list_towers(kind)
+        if kind == "text" and value.startswith("hf:") and len(value) > 3:
+            return value  # a Hugging Face folder, checked when the tower is built
         if value.replace("/", "-") not in towers:
             raise argparse.ArgumentTypeError(f"unknown {kind} model {value!r}; choose from {', '.join(towers)}")
         return value
@@ -36,7 +38,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--text-model",
         type=_tower_name("text"),
         default="RoBERTa-wwm-ext-base-chinese",
-        help="text tower (see list_towers())",
+        help="text tower (see list_towers()), or hf:FOLDER for any Hugging Face encoder",
     )
 
 
@@ -106,9 +108,10 @@ def add_image_reader_args(parser: argparse._ActionsContainer) -> None:
     add_progress_arg(parser)
 
 
-def extract_options(args: argparse.Namespace) -> ExtractOptions:
+def extract_options(args: argparse.Namespace, tokenizer: Any = None) -> ExtractOptions:
     """The typed extraction settings of a parsed command line: the feature-I/O, image-reader and image-source flags
-    it has (absent ones keep :class:`~cn_clip.eval.features.ExtractOptions`' defaults)."""
+    it has (absent ones keep :class:`~cn_clip.eval.features.ExtractOptions`' defaults), and the architecture's
+    ``tokenizer`` (None: the Chinese WordPiece)."""
     from dataclasses import fields
 
     from cn_clip.data.sources import source_options
@@ -117,6 +120,7 @@ def extract_options(args: argparse.Namespace) -> ExtractOptions:
     given = {f.name: getattr(args, f.name) for f in fields(ExtractOptions) if hasattr(args, f.name)}
     given["progress"] = not getattr(args, "no_progress", False)
     given["source"] = source_options(args)
+    given["tokenizer"] = tokenizer
     return ExtractOptions(**given)
 
 

@@ -142,6 +142,7 @@ class FileListDataset(PairReader):
         img_key: str = DEFAULT_IMG_KEY,
         caption_key: str = DEFAULT_CAPTION_KEY,
         separator: str | None = None,
+        tokenizer: Any = None,
     ) -> None:
         from cn_clip.data.lmdb_dataset import _default_transform
 
@@ -154,6 +155,7 @@ class FileListDataset(PairReader):
         self.transform = transform if transform is not None else _default_transform(224)
         self.on_bad_sample = on_bad_sample
         self.skipped = 0
+        self.tokenizer = tokenizer  # the architecture's (cn_clip.tokenizer.get_tokenizer); None = Chinese WordPiece
         _logger.info("%s list %s holds %d pairs.", split, path, self.number_samples)
 
     def read_pair(self, sample: int) -> tuple[formats.Id, formats.Id, str]:
@@ -166,4 +168,4 @@ class FileListDataset(PairReader):
     def _load(self, sample: int) -> tuple[Any, Any, int]:
         location, image_id, _text_id, text = self.records[sample]
         raw = self.read_image(image_id, location)
-        return encode_pair(raw, text, self.transform, self.max_txt_length, image_id)
+        return encode_pair(raw, text, self.transform, self.max_txt_length, image_id, self.tokenizer)

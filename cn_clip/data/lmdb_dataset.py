@@ -119,6 +119,7 @@ class PairReader:
     transform: Callable
     on_bad_sample: str
     skipped: int = 0
+    tokenizer: Any = None  # the architecture's (cn_clip.tokenizer.get_tokenizer); None = Chinese WordPiece
 
     def __len__(self) -> int:
         return self.dataset_len
@@ -132,7 +133,7 @@ class PairReader:
     def _load(self, sample: int) -> tuple[Any, Any, int]:
         image_id, _text_id, text = self.read_pair(sample)
         raw = self.read_image(image_id)
-        return encode_pair(raw, text, self.transform, self.max_txt_length, image_id)
+        return encode_pair(raw, text, self.transform, self.max_txt_length, image_id, self.tokenizer)
 
     def __getitem__(self, index: int) -> tuple[Any, Any, int]:
         sample = index % self.number_samples
@@ -147,17 +148,24 @@ class PairReader:
         raise DataError(f"{self.source}: {_MAX_SKIPS} bad samples in a row after pair {sample}; giving up")
 
 
-def encode_pair(raw: Any, text: str, transform: Callable, context_length: int, image_id: Any) -> tuple[Any, Any, int]:
-    """A PIL image and its caption → ``(image tensor, text ids, eos_index)``, as every reader returns them."""
-    from cn_clip.tokenizer import normalize_text, tokenize
+def encode_pair(
+    raw: Any, text: str, transform: Callable, context_length: int, image_id: Any, tokenizer: Any = None
+) -> tuple[Any, Any, int]:
+    """A PIL image and its caption → ``(image tensor, text ids, eos_index)``, as every reader returns them.
+
+    ``tokenizer``: the architecture's (:func:`cn_clip.tokenizer.get_tokenizer`); None is the reference's Chinese
+    WordPiece, whose eos is ``[SEP]``; for another tokenizer it is the last real token."""
+    from cn_clip.tokenizer import get_tokenizer
 
     try:  # pixels are decoded lazily, inside the transform: a truncated file fails here
         image = transform(raw)
     except DataError as exc:
         raise DataError(f"image_id {image_id}: {exc}") from None
-    ids = tokenize([normalize_text(text)], context_length=context_length)[0]
-    eos_index = int((ids == SEP_ID).nonzero()[0, 0])
-    return image, ids, eos_index
+    chosen = tokenizer or get_tokenizer()
+    ids = chosen([chosen.normalize(text)], context_length)[0]
+    if tokenizer is None:
+        return image, ids, int((ids == SEP_ID).nonzero()[0, 0])
+    return image, ids, int((ids != tokenizer.pad_id).nonzero()[-1, 0])
 
 
 def check_on_bad_sample(value: str) -> None:
@@ -183,8 +191,10 @@ class LMDBDataset(PairReader):
         transform: Callable | None = None,
         resolution: int = 224,
         on_bad_sample: str = "fail",
+        tokenizer: Any = None,
     ) -> None:
         path = Path(lmdb_path)
+        self.tokenizer = tokenizer  # the architecture's (cn_clip.tokenizer.get_tokenizer); None = Chinese WordPiece
         check_on_bad_sample(on_bad_sample)
         if not path.is_dir():
             raise DataError(f"The LMDB directory {path} of {split} split does not exist!")
@@ -287,7 +297,7 @@ class JsonlTextDataset:
     Only ``text_id`` and ``text`` are needed (``image_ids`` may be absent); ids keep their JSON type.
     """
 
-    def __init__(self, path: str | os.PathLike, context_length: int = 52) -> None:
+    def __init__(self, path: str | os.PathLike, context_length: int = 52, tokenizer: Any = None) -> None:
         import json
 
         path = Path(path)
@@ -303,12 +313,14 @@ class JsonlTextDataset:
                 raise DataError(f"{path.name}:{line_no}: needs a text_id and a string text")
             self.records.append((obj["text_id"], obj["text"]))
         self.context_length = context_length
+        self.tokenizer = tokenizer  # the architecture's; None = Chinese WordPiece
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[formats.Id, Any]:
-        from cn_clip.tokenizer import normalize_text, tokenize
+        from cn_clip.tokenizer import get_tokenizer
 
         text_id, text = self.records[index]
-        return text_id, tokenize([normalize_text(text)], context_length=self.context_length)[0]
+        tokenizer = self.tokenizer or get_tokenizer()
+        return text_id, tokenizer([tokenizer.normalize(text)], self.context_length)[0]

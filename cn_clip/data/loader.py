@@ -161,6 +161,7 @@ class DataCfg:
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
     csv_separator: str | None = None  # None: "," for .csv, tab for .tsv
+    tokenizer: Any = None  # the architecture's (cn_clip.tokenizer.get_tokenizer); None = Chinese WordPiece
 
 
 @dataclasses.dataclass
@@ -183,17 +184,21 @@ def _build_dataset(name: str, split: SplitCfg, cfg: DataCfg, kind: str, transfor
             count, classes = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
         except ValueError:
             raise ConfigError(f"{path!r}: use synthetic:N or synthetic:N:CLASSES") from None
-        return SyntheticDataset(count, resolution, cfg.context_length, seed=0, num_classes=classes)
+        return SyntheticDataset(
+            count, resolution, cfg.context_length, seed=0, num_classes=classes, tokenizer=cfg.tokenizer
+        )
     if kind in ("csv", "jsonl"):
         from cn_clip.data.filelist import FileListDataset
 
         return FileListDataset(
             path, name, cfg.context_length, transform, cfg.on_bad_sample,
-            cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator,
+            cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator, cfg.tokenizer,
         )  # fmt: skip
     from cn_clip.data.lmdb_dataset import LMDBDataset
 
-    return LMDBDataset(path, name, cfg.context_length, transform=transform, on_bad_sample=cfg.on_bad_sample)
+    return LMDBDataset(
+        path, name, cfg.context_length, transform=transform, on_bad_sample=cfg.on_bad_sample, tokenizer=cfg.tokenizer
+    )
 
 
 def _build_stream(name: str, split: SplitCfg, cfg: DataCfg, world_size: int, rank: int, transform: Any) -> DataInfo:
@@ -211,6 +216,7 @@ def _build_stream(name: str, split: SplitCfg, cfg: DataCfg, world_size: int, ran
         shuffle_window=cfg.shuffle_window,
         seed=cfg.seed,
         context_length=cfg.context_length,
+        tokenizer=cfg.tokenizer,
         on_bad_sample=cfg.on_bad_sample,
         random_transform=split.augment,
     )  # fmt: skip

@@ -25,6 +25,7 @@ class SyntheticDataset:
         vocab_size: int = 21128,
         seed: int = 0,
         num_classes: int = 0,
+        tokenizer: Any = None,
     ) -> None:
         if context_length < 3:
             raise ValueError("context_length must be at least 3 ([CLS] word [SEP])")
@@ -35,6 +36,7 @@ class SyntheticDataset:
         self.vocab_size = vocab_size
         self.seed = seed
         self.num_classes = num_classes
+        self.tokenizer = tokenizer  # given (a Hugging Face tower's): word ids become words "w<id>" it tokenizes
 
     def __len__(self) -> int:
         return self.dataset_len
@@ -56,6 +58,9 @@ class SyntheticDataset:
         else:
             length = int(torch.randint(1, self.context_length - 1, (1,), generator=gen))
             words = torch.randint(_FIRST_WORD_ID, high, (length,), generator=gen)
+        if self.tokenizer is not None:
+            ids = self.tokenizer([" ".join(f"w{int(w)}" for w in words)], self.context_length)[0]
+            return image, ids, int((ids != self.tokenizer.pad_id).nonzero()[-1, 0])
         ids[0] = CLS_ID
         ids[1 : 1 + len(words)] = words
         eos_index = 1 + len(words)

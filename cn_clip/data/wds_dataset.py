@@ -373,6 +373,7 @@ class WdsCfg:
     shuffle_window: int = 1000
     seed: int = 123
     context_length: int = 52
+    tokenizer: Any = None  # the architecture's; None = Chinese WordPiece
     on_bad_sample: str = "fail"
     random_transform: bool = False
 
@@ -464,7 +465,9 @@ class WebDatasetPairs(IterableDataset):
             image, text, image_id, text_id = decode_sample(sample)
             seed = item_seed if self.cfg.random_transform else None
             context = self.cfg.context_length
-            encoded = with_item_seed(seed, lambda: encode_pair(image, text, self.transform, context, image_id))
+            encoded = with_item_seed(
+                seed, lambda: encode_pair(image, text, self.transform, context, image_id, self.cfg.tokenizer)
+            )
         except DataError as exc:
             if self.cfg.on_bad_sample == "fail":
                 raise DataError(f"{self.cfg.split}: {exc}") from None

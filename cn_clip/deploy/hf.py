@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from cn_clip.errors import CheckpointError, ConfigError
+from cn_clip.models.clip_layouts import block_to_hf, blocks_from_hf
 from cn_clip.models.config import CLIPCfg
 
 _logger = logging.getLogger(__name__)
@@ -53,18 +54,6 @@ _RENAMES = {
     "visual.ln_post.bias": "vision_model.post_layernorm.bias",
 }
 _TRANSPOSED = {"text_projection": "text_projection.weight", "visual.proj": "visual_projection.weight"}
-_LAYER_RENAMES = {
-    "attn.out_proj.weight": "self_attn.out_proj.weight",
-    "attn.out_proj.bias": "self_attn.out_proj.bias",
-    "ln_1.weight": "layer_norm1.weight",
-    "ln_1.bias": "layer_norm1.bias",
-    "ln_2.weight": "layer_norm2.weight",
-    "ln_2.bias": "layer_norm2.bias",
-    "mlp.c_fc.weight": "mlp.fc1.weight",
-    "mlp.c_fc.bias": "mlp.fc1.bias",
-    "mlp.c_proj.weight": "mlp.fc2.weight",
-    "mlp.c_proj.bias": "mlp.fc2.bias",
-}
 # Keys of released HF folders that our model does not have (pooler of an old export, non-persistent buffers).
 _HF_IGNORED = re.compile(r"^text_model\.pooler\.|position_ids$")
 
@@ -74,6 +63,11 @@ def _no_resnet(cfg: CLIPCfg) -> None:
         raise ConfigError(
             f"{cfg.name or 'this model'}: the ResNet image tower has no Hugging Face ChineseCLIPModel counterpart "
             "(transformers only implements the ViT towers); use the reference checkpoint or ONNX instead"
+        )
+    if cfg.text.kind != "bert":
+        raise ConfigError(
+            f"{cfg.name or 'this model'}: ChineseCLIPModel holds a BERT text tower; a model with a Hugging Face "
+            "text tower converts with `python -m cn_clip.convert to-open-clip`"
         )
 
 
@@ -93,30 +87,18 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         elif key in _RENAMES:
             out[_RENAMES[key]] = value.clone()
         elif match := _VIT_LAYER.match(key):
-            out.update(_layer_to_hf(int(match.group(1)), match.group(2), value, key))
+            out.update(block_to_hf(f"vision_model.encoder.layers.{match.group(1)}.", match.group(2), value, key))
         else:
             raise CheckpointError(f"no Hugging Face counterpart for key {key!r} (is this a ResNet checkpoint?)")
     return out
-
-
-def _layer_to_hf(index: int, rest: str, value: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
-    prefix = f"vision_model.encoder.layers.{index}."
-    if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-        kind = rest.rsplit("_", 1)[1]
-        q, k, v = (part.clone() for part in value.chunk(3, dim=0))
-        return {f"{prefix}self_attn.{n}_proj.{kind}": t for n, t in (("q", q), ("k", k), ("v", v))}
-    if rest not in _LAYER_RENAMES:
-        raise CheckpointError(f"no Hugging Face counterpart for key {key!r}")
-    return {prefix + _LAYER_RENAMES[rest]: value.clone()}
 
 
 def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``ChineseCLIPModel`` keys → ours (un-prefixed); inverse of :func:`to_hf_state_dict`."""
     renames = {v: k for k, v in _RENAMES.items()}
     transposed = {v: k for k, v in _TRANSPOSED.items()}
-    layer_renames = {v: k for k, v in _LAYER_RENAMES.items()}
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    layers: dict[tuple[int, str], torch.Tensor] = {}
     for key, value in hf_state.items():
         if _HF_IGNORED.search(key):
             continue
@@ -126,19 +108,11 @@ def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.
             out[transposed[key]] = value.t().contiguous()
         elif key in renames:
             out[renames[key]] = value.clone()
-        elif (match := _HF_VIT_LAYER.match(key)) and (
-            attn := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", match.group(2))
-        ):
-            qkv.setdefault((int(match.group(1)), attn.group(2)), {})[attn.group(1)] = value
-        elif match and match.group(2) in layer_renames:
-            out[f"visual.transformer.resblocks.{match.group(1)}.{layer_renames[match.group(2)]}"] = value.clone()
+        elif match := _HF_VIT_LAYER.match(key):
+            layers[(int(match.group(1)), match.group(2))] = value
         else:
             raise CheckpointError(f"unexpected Hugging Face key {key!r} (not a ChineseCLIPModel?)")
-    for (index, kind), parts in qkv.items():
-        if sorted(parts) != ["k", "q", "v"]:
-            raise CheckpointError(f"layer {index}: q/k/v {kind} incomplete (have {sorted(parts)})")
-        packed = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-        out[f"visual.transformer.resblocks.{index}.attn.in_proj_{kind}"] = packed
+    out.update(blocks_from_hf(layers, "visual.transformer.resblocks."))
     return out
 
 

@@ -85,6 +85,8 @@ class TextEncoder(nn.Module):
         self.clip = clip
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:  # [B, L] int64 → [B, D]
+        if self.clip.cfg.text.kind == "hf":  # a Hugging Face tower masks its own padding
+            return self.clip.text(text, trim=False).to(self.clip.dtype)
         bert = self.clip.bert
         hidden = bert.embeddings(input_ids=text)  # [B, L, H]
         pad = (text == 0)[:, None, None, :].to(hidden.dtype)  # [B, 1, 1, L]
@@ -112,9 +114,9 @@ def dummy_input(model: CLIP, kind: str, batch_size: int = 2, context_length: int
     if kind == "img":
         res = model.cfg.vision.image_resolution
         return torch.zeros(batch_size, 3, res, res)
-    from cn_clip.tokenizer import tokenize
+    from cn_clip.tokenizer import get_tokenizer
 
-    return tokenize(list(PARITY_CAPTIONS[:batch_size]), context_length=context_length)
+    return get_tokenizer(model.cfg)(list(PARITY_CAPTIONS[:batch_size]), context_length)
 
 
 def torch_export(model: CLIP, kind: str, path: Path, context_length: int = 52, opset: int = EXPORT_OPSET) -> None:
@@ -341,12 +343,30 @@ def parity_inputs(model: CLIP, kind: str, context_length: int = 52, seed: int = 
         return [real, torch.randn(3, 3, res, res, generator=gen)]
     from cn_clip.tokenizer import tokenize
 
+    if model.cfg.text.kind == "hf":
+        return _hf_parity_texts(model, context_length, gen)
     captions = tokenize(list(PARITY_CAPTIONS), context_length=context_length)
     vocab = model.cfg.text.vocab_size
     rand = torch.randint(106, vocab, (4, context_length), generator=gen)
     rand[:, 0], rand[:, -1] = 101, 102
     short = captions[:, : max(8, context_length // 4)].clone()
     short[:, -1] = torch.where(short[:, -1] != 0, torch.full_like(short[:, -1], 102), short[:, -1])
+    return [captions, captions[:1], rand, short]
+
+
+def _hf_parity_texts(model: CLIP, context_length: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Captions through the tower's tokenizer, random ids framed by its first and end tokens, and cut rows."""
+    from cn_clip.tokenizer import get_tokenizer
+
+    pad = model.text.pad_id
+    captions = get_tokenizer(model.cfg)(list(PARITY_CAPTIONS), context_length)
+    ends = (captions != pad).long().cumsum(1).argmax(1)  # [N] position of each row's end token
+    start, end = captions[0, 0], captions[0, ends[0]]
+    rand = torch.randint(0, model.text.transformer.config.vocab_size, (4, context_length), generator=gen)
+    rand[rand == pad] = start
+    rand[:, 0], rand[:, -1] = start, end
+    short = captions[:, : max(8, context_length // 4)].clone()
+    short[:, -1] = torch.where(short[:, -1] != pad, end, short[:, -1])
     return [captions, captions[:1], rand, short]
 
 

@@ -709,6 +709,7 @@ def _extract_split(args: Any) -> tuple[Path, Path, Any, Any]:
     """Features of ``--data``/``--split`` from ``--resume`` (written into the output dir, as ``eval.run`` does)."""
     from cn_clip.eval import features as F
     from cn_clip.runtime import resolve_device
+    from cn_clip.tokenizer import get_tokenizer
 
     if args.resume is None:
         raise CalibrationError("--data needs --resume CKPT: the model whose cosines to calibrate")
@@ -719,7 +720,10 @@ def _extract_split(args: Any) -> tuple[Path, Path, Any, Any]:
     out = Path(args.output_dir) if args.output_dir else data / "eval" / args.split
     device = resolve_device(args.device)
     model, _ = F.load_eval_model(f"{args.vision_model}@{args.text_model}", args.resume, device, args.precision)
-    opts = F.ExtractOptions(context_length=args.context_length, num_workers=args.num_workers, progress=False)
+    tokenizer = get_tokenizer(model.cfg)
+    opts = F.ExtractOptions(
+        context_length=args.context_length, num_workers=args.num_workers, progress=False, tokenizer=tokenizer
+    )
     text_encoder = F.TorchEncoder(model.encode_text, device, args.precision)
     image_encoder = F.TorchEncoder(model.encode_image, device, args.precision)
     resolution = model.cfg.vision.image_resolution

@@ -27,6 +27,7 @@ from cn_clip.errors import ConfigError
 from cn_clip.eval import features as F
 from cn_clip.eval.features import default_output_paths
 from cn_clip.runtime import shutdown
+from cn_clip.tokenizer import get_tokenizer
 
 _logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     device = str(env.device)
     architecture = f"{args.vision_model}@{args.text_model}"
     model, _ = F.load_eval_model(architecture, args.resume, device, args.precision, print if primary else None)
-    opts = extract_options(args)
+    opts = extract_options(args, tokenizer=get_tokenizer(model.cfg))
     jobs = []
     if args.extract_text_feats:
         encoder = F.TorchEncoder(model.encode_text, device, args.precision)

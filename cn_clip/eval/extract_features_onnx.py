@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--onnx-image-model", default=None, type=str, help="*.img.{fp32,fp16,int8}.onnx")
     parser.add_argument("--onnx-text-model", default=None, type=str, help="*.txt.{fp32,fp16,int8}.onnx")
     add_device_arg(parser, choices=("cuda", "cpu"))  # the onnxruntime provider
-    add_model_args(parser)  # only the image resolution is read from --vision-model
+    add_model_args(parser)  # the image resolution (--vision-model) and the tokenizer (--text-model)
     add_debug_arg(parser)
     extra = parser.add_argument_group("cn_clip additions")
     add_image_reader_args(extra)
@@ -58,19 +58,21 @@ def run(args: argparse.Namespace) -> int:
     from cn_clip.eval import features as F
     from cn_clip.models.registry import get_model_config
     from cn_clip.runtime import resolve_device
+    from cn_clip.tokenizer import get_tokenizer
 
     _check_args(args)
     args.device = args.device or resolve_device().partition(":")[0]  # the provider: "cuda" when available
     print_params(args)
     image_default, text_default = F.default_output_paths(args.text_data)
-    opts = extract_options(args)
+    architecture = f"{args.vision_model}@{args.text_model}"
+    opts = extract_options(args, tokenizer=get_tokenizer(architecture) if args.extract_text_feats else None)
     jobs = []
     if args.extract_text_feats:
         encoder = F.OnnxEncoder(args.onnx_text_model, args.device)
         jobs.append(F.FeatureJob("text", encoder, args.text_data, args.text_feat_output_path or text_default))
     if args.extract_image_feats:
         encoder = F.OnnxEncoder(args.onnx_image_model, args.device)
-        resolution = get_model_config(f"{args.vision_model}@{args.text_model}").vision.image_resolution
+        resolution = get_model_config(architecture).vision.image_resolution
         output = args.image_feat_output_path or image_default
         jobs.append(F.FeatureJob("image", encoder, args.image_data, output, resolution))
     F.extract_files(jobs, opts, announce=print)

@@ -221,6 +221,7 @@ class ExtractOptions:
     image_id_type: str = "auto"
     progress: bool = True
     source: dict = field(default_factory=dict)  # --dataset-type and file-list columns (data/sources.py)
+    tokenizer: Any = None  # the architecture's (cn_clip.tokenizer.get_tokenizer); None = Chinese WordPiece
 
 
 def extract_images(
@@ -256,7 +257,7 @@ def extract_texts(
     from cn_clip.data.lmdb_dataset import JsonlTextDataset
 
     env = env or DistEnv()
-    dataset = JsonlTextDataset(text_data, context_length=opts.context_length)
+    dataset = JsonlTextDataset(text_data, context_length=opts.context_length, tokenizer=opts.tokenizer)
     lengths = [len(text) for _, text in dataset.records]  # characters ≈ word pieces for Chinese text
     batches = length_grouped_batches(lengths, opts.text_batch_size)
     part = extract_dataset(

@@ -35,6 +35,7 @@ from cn_clip.eval import features as F
 from cn_clip.eval.directions import IMAGE_TO_TEXT, TEXT_TO_IMAGE, Direction
 from cn_clip.fileio import atomic_write
 from cn_clip.runtime import resolve_device, shutdown
+from cn_clip.tokenizer import get_tokenizer
 
 _logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def evaluate_split(args: argparse.Namespace) -> dict[str, Any] | None:
     architecture = f"{args.vision_model}@{args.text_model}"
     announce = print if env.is_primary else None
     model, meta = F.load_eval_model(architecture, args.resume, device, args.precision, announce)
-    opts = extract_options(args)
+    opts = extract_options(args, tokenizer=get_tokenizer(model.cfg))
     resolution = model.cfg.vision.image_resolution
     text_encoder = F.TorchEncoder(model.encode_text, device, args.precision)
     image_encoder = F.TorchEncoder(model.encode_image, device, args.precision)

@@ -117,21 +117,23 @@ def build_classifier(
     context_length: int = 52,
     batch_size: int = 512,
     progress: bool = True,
+    tokenizer: Any = None,
 ) -> np.ndarray:
     """Classifier weights ``[D, C]``: per class, every filled template normalised (lowercase, quotes) and encoded,
     features L2-normalised, averaged, re-normalised (the reference's recipe). Classes are encoded several at a
-    time (about ``batch_size`` texts per batch)."""
+    time (about ``batch_size`` texts per batch). ``tokenizer``: the architecture's (None: Chinese WordPiece)."""
     from tqdm import tqdm
 
     from cn_clip.eval.features import l2_normalize
-    from cn_clip.tokenizer import normalize_text, tokenize
+    from cn_clip.tokenizer import get_tokenizer
 
+    tokenizer = tokenizer or get_tokenizer()
     per_batch = max(1, batch_size // len(templates))
     columns = []
     for start in tqdm(range(0, len(classnames), per_batch), desc="classes", disable=not progress):
         group = classnames[start : start + per_batch]
-        texts = [normalize_text(fill(t, name)) for name in group for t in templates]
-        features = l2_normalize(encode_text(tokenize(texts, context_length=context_length)))
+        texts = [tokenizer.normalize(fill(t, name)) for name in group for t in templates]
+        features = l2_normalize(encode_text(tokenizer(texts, context_length)))
         means = features.reshape(len(group), len(templates), -1).mean(axis=1)  # [G, D]
         columns.append(means / np.linalg.norm(means, axis=1, keepdims=True))
     return np.concatenate(columns).T.astype(np.float32)  # [D, C]

@@ -29,6 +29,7 @@ from cn_clip.eval import features as F
 from cn_clip.eval import zeroshot as Z
 from cn_clip.fileio import atomic_write
 from cn_clip.runtime import resolve_device
+from cn_clip.tokenizer import get_tokenizer
 
 _logger = logging.getLogger(__name__)
 
@@ -133,7 +134,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     text_encoder = F.TorchEncoder(model.encode_text, device, args.precision)
     progress = not args.no_progress
     classifier = Z.build_classifier(
-        text_encoder, classnames, templates, args.context_length, args.text_batch_size, progress
+        text_encoder,
+        classnames,
+        templates,
+        args.context_length,
+        args.text_batch_size,
+        progress,
+        tokenizer=get_tokenizer(model.cfg),
     )
     print("Using classifier")
     batches = F.sequential_batches(len(folder), args.img_batch_size)

@@ -9,7 +9,7 @@ from torch import nn
 
 from cn_clip.models.config import CLIPCfg
 from cn_clip.models.resnet import ModifiedResNet
-from cn_clip.models.text import create_bert, trim_padding
+from cn_clip.models.text import HFTextTower, create_bert, trim_padding
 from cn_clip.models.vit import VisionTransformer
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -23,20 +23,40 @@ SIGLIP_LOGIT_BIAS_INIT = -10.0
 
 
 class CLIP(nn.Module):
-    """Chinese CLIP. State-dict keys: ``text_projection``, ``logit_scale``, ``visual.*``, ``bert.*`` (reference)."""
+    """Chinese CLIP. State-dict keys: ``text_projection``, ``logit_scale``, ``visual.*``, ``bert.*`` (reference).
 
-    def __init__(self, cfg: CLIPCfg) -> None:
+    With a Hugging Face text tower (``cfg.text.kind == "hf"``): ``logit_scale``, ``visual.*``, ``text.*``
+    (open_clip's layout for such towers). ``text_weights`` initialises that tower from its folder's weights.
+    """
+
+    def __init__(self, cfg: CLIPCfg, text_weights: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
+        is_bert = cfg.text.kind == "bert"
         # Own parameters first: they lead the reference's state dict.
-        self.text_projection = nn.Parameter(torch.empty(cfg.text.text_hidden_size, cfg.embed_dim))
+        if is_bert:
+            self.text_projection = nn.Parameter(torch.empty(cfg.text.text_hidden_size, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
         self.visual: nn.Module = (
             ModifiedResNet(cfg.vision) if cfg.vision.kind == "resnet" else VisionTransformer(cfg.vision)
         )
-        self.bert = create_bert(cfg.text)
+        if is_bert:
+            self.bert = create_bert(cfg.text)
+        else:
+            self.text = HFTextTower(cfg.text, cfg.embed_dim, load_weights=text_weights)
         self.register_parameter("logit_bias", None)  # SigLIP only, see set_logit_bias
         self.initialize_parameters()
+
+    @property
+    def text_tower(self) -> nn.Module:
+        """The text encoder module: ``bert`` or the Hugging Face tower's transformer."""
+        return self.bert if self.cfg.text.kind == "bert" else self.text.transformer
+
+    def text_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of the text side, projection included."""
+        if self.cfg.text.kind == "bert":
+            return [*self.bert.parameters(), self.text_projection]
+        return list(self.text.parameters())
 
     @property
     def is_vit(self) -> bool:
@@ -58,7 +78,8 @@ class CLIP(nn.Module):
                 for name, param in self.visual.named_parameters():
                     if name.startswith("layer") and name.endswith("bn3.weight"):
                         nn.init.zeros_(param)
-            nn.init.normal_(self.text_projection, std=self.cfg.text.text_hidden_size**-0.5)
+            if self.cfg.text.kind == "bert":
+                nn.init.normal_(self.text_projection, std=self.cfg.text.text_hidden_size**-0.5)
 
     @property
     def has_logit_bias(self) -> bool:
@@ -89,16 +110,17 @@ class CLIP(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
+        text = self.text_tower
         # transformers 5 renamed the switch (activation_*); 4.x only has gradient_*.
-        if hasattr(self.bert, "activation_checkpointing_enable"):
+        if hasattr(text, "activation_checkpointing_enable"):
             if enable:
-                self.bert.activation_checkpointing_enable({"use_reentrant": False})
+                text.activation_checkpointing_enable({"use_reentrant": False})
             else:
-                self.bert.activation_checkpointing_disable()
+                text.activation_checkpointing_disable()
         elif enable:
-            self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.bert.gradient_checkpointing_disable()
+            text.gradient_checkpointing_disable()
 
     def clamp_logit_scale(self) -> None:
         """Keep the temperature in [0, ln 100]; called after every optimizer step."""
@@ -113,6 +135,8 @@ class CLIP(nn.Module):
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """Unnormalised text features [B, embed_dim] from the [CLS] hidden state; padding (id 0) is masked."""
+        if self.cfg.text.kind == "hf":
+            return self.text(text).to(self.dtype)
         text = trim_padding(text, PAD_ID)
         mask = (text != PAD_ID).to(torch.long)
         hidden = self.bert(input_ids=text, attention_mask=mask).last_hidden_state  # [B, L, H]
@@ -148,4 +172,4 @@ class CLIP(nn.Module):
     def tokenizer(self):  # noqa: ANN201 - the reference exposes the tokenizer on the model
         from cn_clip.tokenizer import get_tokenizer
 
-        return get_tokenizer()
+        return get_tokenizer(self.cfg)

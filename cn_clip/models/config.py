@@ -21,6 +21,11 @@ class VisionCfg:
     vision_width: int
     vision_patch_size: int | None = None
     vision_head_width: int = 64
+    vision_act: str = "quick_gelu"  # the ViT MLP activation: "quick_gelu" (OpenAI, the reference) or "gelu"
+
+    def __post_init__(self) -> None:
+        if self.vision_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"vision_act {self.vision_act!r} is not 'quick_gelu' or 'gelu'")
 
     @property
     def kind(self) -> str:
@@ -58,13 +63,45 @@ class TextCfg:
     text_type_vocab_size: int = 2
     text_layer_norm_eps: float = 1e-12
 
+    @property
+    def kind(self) -> str:
+        return "bert"
+
+
+HF_POOLERS = ("cls", "mean", "eos")
+HF_PROJECTIONS = ("linear", "mlp", "none")
+
+
+@dataclass(frozen=True)
+class HFTextCfg:
+    """A text tower built from any Hugging Face encoder: a local folder (config.json + tokenizer files, weights
+    optional) or a hub id found in the local HF cache. ``pooler``: first token, masked mean or last real token;
+    ``proj``: to ``embed_dim`` by one bias-free linear layer, a two-layer GELU MLP (open_clip's), or none."""
+
+    hf_model: str
+    pooler: str = "cls"
+    proj: str = "linear"
+    context_length: int = 77  # the tokenizer's default length when a caller names none
+
+    def __post_init__(self) -> None:
+        if self.pooler not in HF_POOLERS:
+            raise ValueError(f"pooler {self.pooler!r} is not one of {', '.join(HF_POOLERS)}")
+        if self.proj not in HF_PROJECTIONS:
+            raise ValueError(f"proj {self.proj!r} is not one of {', '.join(HF_PROJECTIONS)}")
+        if not isinstance(self.context_length, int) or self.context_length < 2:
+            raise ValueError(f"context_length must be an integer >= 2, got {self.context_length!r}")
+
+    @property
+    def kind(self) -> str:
+        return "hf"
+
 
 @dataclass(frozen=True)
 class CLIPCfg:
     """A vision × text pair, named ``"{vision}@{text}"`` like the reference."""
 
     vision: VisionCfg
-    text: TextCfg
+    text: TextCfg | HFTextCfg
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -77,6 +114,8 @@ class CLIPCfg:
         flat = dataclasses.asdict(self.vision)
         if isinstance(self.vision.vision_layers, tuple):
             flat["vision_layers"] = list(self.vision.vision_layers)
+        if self.vision.vision_act == "quick_gelu":
+            del flat["vision_act"]  # the reference's model_info has no such key
         flat.update(dataclasses.asdict(self.text))
         return flat
 
@@ -102,7 +141,7 @@ def _build(cls: type, data: dict[str, Any], source: str) -> Any:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(names))}")
     try:
         return cls(**data)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from exc
 
 
@@ -113,8 +152,9 @@ def vision_cfg_from_dict(data: dict[str, Any], source: str = "<dict>") -> Vision
     return _build(VisionCfg, data, source)
 
 
-def text_cfg_from_dict(data: dict[str, Any], source: str = "<dict>") -> TextCfg:
-    return _build(TextCfg, data, source)
+def text_cfg_from_dict(data: dict[str, Any], source: str = "<dict>") -> TextCfg | HFTextCfg:
+    """A BERT-shape tower (the reference's ``text_*`` keys) or, with ``hf_model``, a Hugging Face encoder."""
+    return _build(HFTextCfg if "hf_model" in data else TextCfg, data, source)
 
 
 def read_json_config(path: str | Path) -> dict[str, Any]:

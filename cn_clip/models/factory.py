@@ -43,12 +43,15 @@ def create_model(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     input_resolution: int | None = None,
+    text_weights: bool = False,
 ) -> CLIP:
-    """Build a CLIP (random init, or strictly loaded from ``checkpoint``: a path or a loaded dict), in eval mode."""
+    """Build a CLIP (random init, or strictly loaded from ``checkpoint``: a path or a loaded dict), in eval mode.
+
+    ``text_weights``: a Hugging Face text tower starts from the weights in its folder (when it has any)."""
     if checkpoint is None:
         cfg = resolve_config(name_or_cfg, input_resolution)
         _logger.debug("Model info %s", cfg.to_flat_dict())
-        model = CLIP(cfg)
+        model = CLIP(cfg, text_weights=text_weights)
     else:
         model, _ = build_from_checkpoint(name_or_cfg, checkpoint, input_resolution)
     model.to(device or "cpu")
@@ -149,24 +152,40 @@ def convert_weights(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.
             if isinstance(param, nn.Parameter):
                 param.data = param.data.to(dtype)
     if isinstance(model, CLIP):
-        model.bert.to(dtype)
+        model.text_tower.to(dtype)
     return model
 
 
 def infer_architecture(state: Mapping[str, torch.Tensor]) -> str:
     """Find the registered ``vision@text`` whose keys and shapes equal those of a (cleaned) state dict."""
     state = clean_state_dict(state)
+    if any(k.startswith("text.") for k in state) or "token_embedding.weight" in state:
+        raise CheckpointError(
+            "this checkpoint has a Hugging Face (or open_clip) text tower, whose architecture its shapes do not "
+            "name: give vision_model_name/text_model_name (--vision-model/--text-model), e.g. ViT-B-32-gelu and "
+            "xlm-roberta-base or hf:FOLDER"
+        )
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     vision_keys = {k: s for k, s in shapes.items() if k.startswith("visual.") or k == "text_projection"}
     text_keys = {k: s for k, s in shapes.items() if k.startswith("bert.")}
-    vision = _match_tower("vision", vision_keys, lambda v: f"{v}@{list_towers('text')[0]}", "visual.")
-    text = _match_tower("text", text_keys, lambda t: f"{list_towers('vision')[0]}@{t}", "bert.")
+    bert_towers = _bert_towers()
+    vision = _match_tower("vision", vision_keys, lambda v: f"{v}@{bert_towers[0]}", "visual.")
+    text = _match_tower("text", text_keys, lambda t: f"{list_towers('vision')[0]}@{t}", "bert.", bert_towers)
     return f"{vision}@{text}"
 
 
-def _match_tower(kind: str, wanted: dict[str, tuple], arch: Callable[[str], str], prefix: str) -> str:
+def _bert_towers() -> list[str]:
+    """Registered BERT-shape text towers (Hugging Face towers are skipped: building them may need files)."""
+    from cn_clip.models.registry import get_tower_data
+
+    return [t for t in list_towers("text") if "hf_model" not in get_tower_data(t)]
+
+
+def _match_tower(
+    kind: str, wanted: dict[str, tuple], arch: Callable[[str], str], prefix: str, towers: list[str] | None = None
+) -> str:
     wanted = {k: s for k, s in wanted.items() if k.startswith(prefix)}
-    for tower in list_towers(kind):
+    for tower in towers if towers is not None else list_towers(kind):
         with torch.device("meta"):
             model = CLIP(get_model_config(arch(tower)))
         have = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)}

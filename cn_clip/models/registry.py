@@ -20,9 +20,30 @@ _SOURCES: dict[str, str] = {}
 _SCANNED = False
 
 
+HF_PREFIX = "hf:"
+# The pooler a bare ``hf:PATH`` tower gets, by the folder's model_type (open_clip's choices; "mean" otherwise).
+_HF_DEFAULT_POOLER = {"bert": "cls", "clip_text_model": "eos", "clip": "eos"}
+
+
 def _normalise_name(name: str) -> str:
-    # The reference maps "/" to "-" in tower names (e.g. "ViT-B/16").
+    # The reference maps "/" to "-" in tower names (e.g. "ViT-B/16"). An hf: folder becomes absolute, so that
+    # names stored with results (a search index's meta.json) work from any directory; a hub id is kept.
+    if name.startswith(HF_PREFIX):
+        folder = Path(name[len(HF_PREFIX) :]).expanduser()
+        return f"{HF_PREFIX}{folder.resolve()}" if len(name) > len(HF_PREFIX) and folder.is_dir() else name
     return name.replace("/", "-")
+
+
+def hf_tower_config(name: str) -> dict[str, Any]:
+    """The tower config of ``hf:PATH``: the folder's encoder with the pooler its model type suggests, a linear
+    projection and 77 tokens (write a tower JSON with ``hf_model`` to choose otherwise)."""
+    from cn_clip.models.text import load_hf_text_config
+
+    path = name[len(HF_PREFIX) :]
+    if not path:
+        raise ConfigError(f"{name!r}: give a folder after 'hf:', e.g. hf:./xlm-roberta-base")
+    model_type = load_hf_text_config(path).model_type
+    return {"hf_model": path, "pooler": _HF_DEFAULT_POOLER.get(model_type, "mean"), "proj": "linear"}
 
 
 def _scan_builtin() -> None:
@@ -53,9 +74,19 @@ def add_model_config(path_or_dict: str | Path | dict[str, Any], name: str | None
         raise ConfigError(f"no *.json model configs in {path}")
     added = []
     for file in files:
-        _register(name if name and len(files) == 1 else file.stem, read_json_config(file), str(file))
+        _register(
+            name if name and len(files) == 1 else file.stem, _relative_to(read_json_config(file), file), str(file)
+        )
         added.append(file.stem)
     return added
+
+
+def _relative_to(data: dict[str, Any], file: Path) -> dict[str, Any]:
+    """An ``hf_model`` written as ``./folder`` or ``../folder`` is relative to the JSON file that names it."""
+    hf_model = data.get("hf_model")
+    if isinstance(hf_model, str) and hf_model.startswith(("./", "../")):
+        return {**data, "hf_model": str((file.parent / hf_model).resolve())}
+    return data
 
 
 def _is_vision(data: dict[str, Any]) -> bool:
@@ -80,6 +111,8 @@ def list_models() -> list[str]:
 def _tower(name: str, kind: str) -> tuple[dict[str, Any], str]:
     _scan_builtin()
     key = _normalise_name(name)
+    if kind == "text" and key.startswith(HF_PREFIX):
+        return hf_tower_config(key), key
     if key not in _TOWERS:
         raise ConfigError(f"unknown {kind} model {name!r}; registered {kind} models: {', '.join(list_towers(kind))}")
     data = _TOWERS[key]
@@ -88,13 +121,19 @@ def _tower(name: str, kind: str) -> tuple[dict[str, Any], str]:
     return data, _SOURCES[key]
 
 
+def get_tower_data(name: str) -> dict[str, Any]:
+    """The raw JSON data of a registered tower."""
+    _scan_builtin()
+    return _TOWERS[_normalise_name(name)]
+
+
 def get_model_config(name: str) -> CLIPCfg:
     """Resolve ``"{vision}@{text}"`` to a typed :class:`CLIPCfg`."""
-    if name.count("@") != 1:
+    vision_name, _, text_name = name.partition("@")
+    if not vision_name or not text_name or ("@" in text_name and not text_name.startswith(HF_PREFIX)):
         raise ConfigError(
             f"model name {name!r} must be '<vision>@<text>', e.g. 'ViT-B-16@RoBERTa-wwm-ext-base-chinese'"
         )
-    vision_name, text_name = name.split("@")
     vision_data, vision_src = _tower(vision_name, "vision")
     text_data, text_src = _tower(text_name, "text")
     return CLIPCfg(

@@ -46,7 +46,7 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
         self.ln_pre = LayerNormFp32(width)
-        self.transformer = Transformer(width, cfg.vision_layers, cfg.heads)
+        self.transformer = Transformer(width, cfg.vision_layers, cfg.heads, cfg.vision_act)
         self.ln_post = LayerNormFp32(width)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -89,9 +89,10 @@ def encode_query(model: Any, meta: dict[str, Any], text: str | None, image: str 
     if (text is None) == (image is None):
         raise ConfigError("give either a query text or --image PATH (not both)")
     if text is not None:
-        from cn_clip.tokenizer import normalize_text, tokenize
+        from cn_clip.tokenizer import get_tokenizer
 
-        tokens = tokenize([normalize_text(text)], context_length=meta.get("context_length", 52))
+        tokenizer = get_tokenizer(model.cfg)
+        tokens = tokenizer([tokenizer.normalize(text)], meta.get("context_length", 52))
         return F.l2_normalize(F.TorchEncoder(model.encode_text, device)(tokens))
     from cn_clip.transforms import image_transform
 

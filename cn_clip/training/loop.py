@@ -204,7 +204,7 @@ class Trainer:
         if self.cfg.freeze_vision:
             module.visual.eval()
         if self.cfg.freeze_text:
-            module.bert.eval()
+            module.text_tower.eval()
 
     def _progress(self, total: int) -> Any:
         if not (self.env.is_primary and sys.stderr.isatty()):

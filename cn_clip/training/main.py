@@ -7,6 +7,7 @@ Runs as one plain process (CPU or one GPU), under ``torchrun`` (gloo on CPU, ncc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
@@ -77,7 +78,7 @@ def _build_model(args: argparse.Namespace, env: DistEnv) -> Any:
     for path, what in ((args.clip_weight_path, "CLIP"), (args.bert_weight_path, "BERT")):
         if path and not os.path.isfile(path):
             raise ConfigError(f"Pretrained {what} weight not exists! ({path})")
-    model = create_model(f"{args.vision_model.replace('/', '-')}@{args.text_model}")
+    model = create_model(f"{args.vision_model.replace('/', '-')}@{args.text_model}", text_weights=True)
     load(model, "cpu", args.clip_weight_path, args.bert_weight_path)
     _check_args(args, model)
     if args.grad_checkpointing:
@@ -90,7 +91,7 @@ def _build_model(args: argparse.Namespace, env: DistEnv) -> Any:
             param.requires_grad = False
         _logger.info("The visual encoder is freezed during training.")
     if args.freeze_text:
-        for param in [*model.bert.parameters(), model.text_projection]:
+        for param in model.text_parameters():
             param.requires_grad = False
         _logger.info("The text encoder is frozen during training.")
     return model
@@ -246,6 +247,7 @@ def train(args: argparse.Namespace) -> dict:
     """Build everything from parsed ``args`` and train; returns a summary (last loss, validation metrics)."""
     from cn_clip.data.loader import get_data
     from cn_clip.runtime import cleanup, init_distributed, local_primary_first
+    from cn_clip.tokenizer import get_tokenizer
     from cn_clip.training.checkpoint import Position
     from cn_clip.training.loop import Trainer, resolve_max_steps
     from cn_clip.training.params import data_config, train_config
@@ -264,7 +266,8 @@ def train(args: argparse.Namespace) -> dict:
         ckpt = _load_weights(model, resume) if resume else None
         _prepare_logit_bias(args, model)
         model.to(env.device)
-        data = get_data(data_config(args), env.world_size, env.rank, model.cfg.vision.image_resolution)
+        data_cfg = dataclasses.replace(data_config(args), tokenizer=get_tokenizer(model.cfg))
+        data = get_data(data_cfg, env.world_size, env.rank, model.cfg.vision.image_resolution)
         args.max_steps, args.max_epochs = resolve_max_steps(
             args.max_steps, args.max_epochs, args.accum_freq, data["train"].num_batches
         )  # before the Params log, which shows the resolved values
