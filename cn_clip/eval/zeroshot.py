@@ -204,3 +204,49 @@ def read_index(path: str | os.PathLike, n: int) -> list[int]:
     if bad:
         raise DataError(f"--index {path}: row {bad[0]} out of range for {n} images")
     return index
+
+
+# ------------------------------------------------------------------------------ ELEVATER class folders
+class TargetFirst:
+    """An ImageFolder as ``(target, image)`` items, the ``(id, input)`` shape :func:`extract_features` reads."""
+
+    def __init__(self, folder: Any) -> None:
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        image, target = self.folder[index]
+        return target, image
+
+
+def open_image_folder(datapath: str, resolution: int, n_classes: int) -> Any:
+    """torchvision's ImageFolder (RGB loader, folders sorted by name = class ids), checked against the labels."""
+    from torchvision.datasets import ImageFolder
+
+    from cn_clip.transforms import image_transform
+
+    if not Path(datapath).is_dir():
+        raise DataError(f"--datapath {datapath} is not a directory")
+    try:
+        folder = ImageFolder(datapath, transform=image_transform(resolution))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"--datapath {datapath}: {exc}") from None
+    check_class_folders(folder.classes, n_classes, datapath)
+    return folder
+
+
+def check_class_folders(classes: Sequence[str], n_classes: int, root: str) -> None:
+    """Folder k (in name order) is class k of the label file: counts must agree, numeric names must sort as
+    numbers (``0``–``9``, or zero-padded ``000``…), else predictions would be scored against the wrong class."""
+    if len(classes) != n_classes:
+        raise DataError(f"{root} has {len(classes)} class folders but the label file lists {n_classes} classes")
+    if all(name.isdigit() for name in classes):
+        wrong = [(i, name) for i, name in enumerate(classes) if int(name) != i]
+        if wrong:
+            position, name = wrong[0]
+            raise DataError(
+                f"{root}: class folder {name!r} sorts at position {position}; name folders 0..{n_classes - 1} "
+                "zero-padded to equal width (e.g. 000, 001, …) so that name order equals class id"
+            )

@@ -24,7 +24,7 @@ from cn_clip.cli.args import (
     add_resume_arg,
 )
 from cn_clip.cli.runner import print_params, run_cli, setup_logging
-from cn_clip.errors import ConfigError, DataError
+from cn_clip.errors import ConfigError
 from cn_clip.eval import features as F
 from cn_clip.eval import zeroshot as Z
 from cn_clip.fileio import atomic_write
@@ -63,51 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class TargetFirst:
-    """An ImageFolder as ``(target, image)`` items, the ``(id, input)`` shape :func:`extract_features` reads."""
-
-    def __init__(self, folder: Any) -> None:
-        self.folder = folder
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        image, target = self.folder[index]
-        return target, image
-
-
-def open_image_folder(datapath: str, resolution: int, n_classes: int) -> Any:
-    """torchvision's ImageFolder (RGB loader, folders sorted by name = class ids), checked against the labels."""
-    from torchvision.datasets import ImageFolder
-
-    from cn_clip.transforms import image_transform
-
-    if not Path(datapath).is_dir():
-        raise DataError(f"--datapath {datapath} is not a directory")
-    try:
-        folder = ImageFolder(datapath, transform=image_transform(resolution))
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise DataError(f"--datapath {datapath}: {exc}") from None
-    check_class_folders(folder.classes, n_classes, datapath)
-    return folder
-
-
-def check_class_folders(classes: Sequence[str], n_classes: int, root: str) -> None:
-    """Folder k (in name order) is class k of the label file: counts must agree, numeric names must sort as
-    numbers (``0``–``9``, or zero-padded ``000``…), else predictions would be scored against the wrong class."""
-    if len(classes) != n_classes:
-        raise DataError(f"{root} has {len(classes)} class folders but the label file lists {n_classes} classes")
-    if all(name.isdigit() for name in classes):
-        wrong = [(i, name) for i, name in enumerate(classes) if int(name) != i]
-        if wrong:
-            position, name = wrong[0]
-            raise DataError(
-                f"{root}: class folder {name!r} sorts at position {position}; name folders 0..{n_classes - 1} "
-                "zero-padded to equal width (e.g. 000, 001, …) so that name order equals class id"
-            )
-
-
 def _label_file(args: argparse.Namespace) -> str:
     if args.label_file:
         return args.label_file
@@ -129,7 +84,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     print("Preparing zeroshot dataset.")
     architecture = f"{args.vision_model}@{args.text_model}"
     model, _ = F.load_eval_model(architecture, args.resume, device, args.precision, print)
-    folder = open_image_folder(args.datapath, model.cfg.vision.image_resolution, len(classnames))
+    folder = Z.open_image_folder(args.datapath, model.cfg.vision.image_resolution, len(classnames))
     print("Building zero-shot classifier")
     text_encoder = F.TorchEncoder(model.encode_text, device, args.precision)
     progress = not args.no_progress
@@ -147,7 +102,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     workers = args.num_workers
     encoder = F.TorchEncoder(model.encode_image, device, args.precision)
     images = F.extract_dataset(
-        encoder, TargetFirst(folder), batches, num_workers=workers, desc="images", progress=progress
+        encoder, Z.TargetFirst(folder), batches, num_workers=workers, desc="images", progress=progress
     )
     scale = float(model.logit_scale.detach().exp()) if args.logit_scale == "model" else Z.REFERENCE_LOGIT_SCALE
     probs, targets = Z.class_probabilities(images.matrix, classifier, scale), np.asarray(images.ids)

@@ -49,7 +49,7 @@ def open_retention_set(path: str | Path) -> RetentionSet:
     image_dir = root / "test" if (root / "test").is_dir() else root
     classnames = Z.read_classnames(label_file)
     folders = sorted(p.name for p in image_dir.iterdir() if p.is_dir())
-    from cn_clip.eval.zeroshot_evaluation import check_class_folders
+    from cn_clip.eval.zeroshot import check_class_folders
 
     check_class_folders(folders, len(classnames), str(image_dir))
     _, templates = Z.load_templates(None, root.name)
@@ -72,7 +72,7 @@ def zero_shot_top1(
 
     from cn_clip.eval import zeroshot as Z
     from cn_clip.eval.features import l2_normalize
-    from cn_clip.eval.zeroshot_evaluation import open_image_folder
+    from cn_clip.eval.zeroshot import open_image_folder
 
     was_training = model.training
     model.eval()

@@ -38,6 +38,7 @@ RECIPES = {
     ),
 }
 OTHERS = {"launch.sh", "evaluate.sh", "zeroshot_eval.sh"}  # tested one by one below
+OTHERS |= {"lit_multilingual.sh"}  # tests/training/test_lit.py runs it
 # What a training recipe runs here: the tiny towers, one step, small batches, no worker processes.
 TINY_TRAIN = [*TINY_FLAGS, "--max-steps", "1", "--batch-size", "2", "--valid-batch-size", "2", "--precision", "fp32"]
 TINY_TRAIN += ["--num-workers", "0", "--valid-num-workers", "0"]
