@@ -351,3 +351,24 @@ def test_stream_flags_on_indexed_data_are_an_error(built: Path) -> None:
             get_data(DataCfg(SplitCfg(str(built / "train.csv"), 4), **kw), 1, 0, 32)
     with pytest.raises(ConfigError, match="--train-num-samples/--val-num-samples applies"):
         get_data(DataCfg(SplitCfg(str(built / "lmdb" / "train"), 4, num_samples=8)), 1, 0, 32)
+
+
+def test_search_index_from_shards_and_a_csv(built: Path, tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    from tiny_eval_data import tiny_checkpoint
+
+    from cn_clip.search.index import IDS_FILE, build_index
+
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    ids = {}
+    for name, source in (
+        ("lmdb", built / "lmdb" / "train" / "imgs"),
+        ("wds", _train_shards(built)),
+        ("csv", built / "train.csv"),
+    ):
+        meta = build_index(
+            source, ckpt, tmp_path / name, architecture=training_helpers.TINY, device="cpu", progress=False
+        )
+        ids[name] = json.loads((tmp_path / name / IDS_FILE).read_text())
+        assert meta["count"] == N_IMAGES
+    assert sorted(ids["wds"]) == sorted(ids["csv"]) == sorted(ids["lmdb"])
