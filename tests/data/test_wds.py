@@ -184,8 +184,8 @@ def test_kill_and_resume_on_shards(built: Path, tmp_path: Path, monkeypatch: pyt
     from cn_clip.training import loop
 
     data = _train_shards(built)
-    argv = ["--shuffle", "--use-augment", "--save-step-frequency", "1"]
-    straight = _train(built, tmp_path / "a", data, *argv, steps=9)  # 6 steps per epoch: resume crosses an epoch
+    argv = ["--shuffle", "--use-augment", "--save-step-frequency", "4"]
+    straight = _train(built, tmp_path / "a", data, *argv, steps=7)  # killed after step 4 (saved); 6 steps an epoch
     original, count = loop.Trainer.train_step, {"n": 0}
 
     def step(self, batches, step):
@@ -197,8 +197,8 @@ def test_kill_and_resume_on_shards(built: Path, tmp_path: Path, monkeypatch: pyt
     with monkeypatch.context() as patch:
         patch.setattr(loop.Trainer, "train_step", step)
         with pytest.raises(_Killed):
-            _train(built, tmp_path / "b", data, *argv, steps=9)
-    resumed = _train(built, tmp_path / "b", data, *argv, steps=9)
+            _train(built, tmp_path / "b", data, *argv, steps=7)
+    resumed = _train(built, tmp_path / "b", data, *argv, steps=7)
     assert resumed["losses"] == straight["losses"][4:]
 
 
