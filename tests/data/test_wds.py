@@ -172,6 +172,8 @@ def test_resampled_epochs_follow_the_seed_and_the_weights(built: Path) -> None:
     cfg = WdsCfg(f"{half}::{rest}", "train", 4, 1, 0, num_samples=400, resampled=True, factors=(1.0, 0.0))
     keys = set(sum(_epoch(WebDatasetPairs(cfg, image_transform(32)), 0, 0), []))
     assert keys == set(sum(_epoch(_dataset(built, shuffle=False), 0, 0), [])[:10])  # the first source only
+    with pytest.raises(ConfigError, match="must be ≥ 1, got 0"):
+        WebDatasetPairs(WdsCfg(half, "train", 4, 1, 0, num_samples=0), image_transform(32))
     with pytest.raises(ConfigError, match="needs --dataset-resampled"):
         WebDatasetPairs(WdsCfg(half, "train", 4, 1, 0, factors=(1.0,)), image_transform(32))
 
