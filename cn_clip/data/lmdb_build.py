@@ -152,7 +152,8 @@ def _scan_tsv_chunk(path: str, start: int, end: int, check_images: str) -> _Chun
     # One pass over the whole chunk finds any byte outside the base64 alphabet; only then are lines checked singly.
     alphabet_ok = not buf.translate(None, formats.B64_ALPHABET + b"\t\n\r")
     scan = _ChunkScan()
-    for line_no, raw_id, holder, v_start, v_end in _iter_tsv_lines(buf):
+    counter = [0]
+    for line_no, raw_id, holder, v_start, v_end in _iter_tsv_lines(buf, 0, counter):
         if raw_id is None:
             scan.problems.append((line_no, "", holder.decode()))
             continue
@@ -172,7 +173,7 @@ def _scan_tsv_chunk(path: str, start: int, end: int, check_images: str) -> _Chun
         scan.ids.append(raw_id)
         scan.id_lines.append(line_no)
         scan.map_bytes += _value_map_bytes(len(raw_id), v_end - v_start)
-    scan.n_lines = buf.count(b"\n") + (1 if buf and buf[-1:] != b"\n" else 0)
+    scan.n_lines = counter[0]  # every line, blank ones included
     return scan
 
 

@@ -389,6 +389,8 @@ class WebDatasetPairs(IterableDataset):
         check_on_bad_sample(cfg.on_bad_sample)
         if cfg.factors is not None and not cfg.resampled:
             raise ConfigError("--train-data-upsampling-factors needs --dataset-resampled")
+        if cfg.num_samples is not None and cfg.num_samples < 1:
+            raise ConfigError(f"--train-num-samples/--val-num-samples must be ≥ 1, got {cfg.num_samples}")
         self.cfg = cfg
         self.transform = transform
         self.shards = ShardSet.from_spec(cfg.spec, cfg.factors)

@@ -71,13 +71,14 @@ def load_image(path: Path, transform: Any) -> Any:
 
 def _source_dataset(image_data: Path, resolution: int, id_type: str) -> tuple[Any, list[str] | None, str]:
     from cn_clip.data.lmdb_dataset import LMDBImageDataset
+    from cn_clip.data.sources import image_dataset
 
     if not image_data.exists():
         raise DataError(f"--image-data {image_data} does not exist")
     if image_data.is_dir() and is_lmdb(image_data):
         return LMDBImageDataset(image_data, resolution=resolution, id_type=id_type), None, "lmdb"
-    if not image_data.is_dir():
-        raise DataError(f"--image-data {image_data}: expected an imgs LMDB directory or a folder of images")
+    if not image_data.is_dir():  # a shard list (.txt), *.tar, or a CSV/JSONL of image files (docs/data.md)
+        return image_dataset(str(image_data), resolution=resolution, id_type=id_type), None, "list"
     files = list_images(image_data)
     if not files:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))

@@ -171,6 +171,8 @@ def test_resampled_epochs_follow_the_seed_and_the_weights(built: Path) -> None:
     cfg = WdsCfg(f"{half}::{rest}", "train", 4, 1, 0, num_samples=400, resampled=True, factors=(1.0, 0.0))
     keys = set(sum(_epoch(WebDatasetPairs(cfg, image_transform(32)), 0, 0), []))
     assert keys == set(sum(_epoch(_dataset(built, shuffle=False), 0, 0), [])[:10])  # the first source only
+    with pytest.raises(ConfigError, match="must be ≥ 1, got 0"):
+        WebDatasetPairs(WdsCfg(half, "train", 4, 1, 0, num_samples=0), image_transform(32))
     with pytest.raises(ConfigError, match="needs --dataset-resampled"):
         WebDatasetPairs(WdsCfg(half, "train", 4, 1, 0, factors=(1.0,)), image_transform(32))
 
@@ -183,8 +185,8 @@ def test_kill_and_resume_on_shards(built: Path, tmp_path: Path, monkeypatch: pyt
     from cn_clip.training import loop
 
     data = _train_shards(built)
-    argv = ["--shuffle", "--use-augment", "--save-step-frequency", "1"]
-    straight = _train(built, tmp_path / "a", data, *argv, steps=9)  # 6 steps per epoch: resume crosses an epoch
+    argv = ["--shuffle", "--use-augment", "--save-step-frequency", "4"]
+    straight = _train(built, tmp_path / "a", data, *argv, steps=7)  # killed after step 4 (saved); 6 steps an epoch
     original, count = loop.Trainer.train_step, {"n": 0}
 
     def step(self, batches, step):
@@ -196,8 +198,8 @@ def test_kill_and_resume_on_shards(built: Path, tmp_path: Path, monkeypatch: pyt
     with monkeypatch.context() as patch:
         patch.setattr(loop.Trainer, "train_step", step)
         with pytest.raises(_Killed):
-            _train(built, tmp_path / "b", data, *argv, steps=9)
-    resumed = _train(built, tmp_path / "b", data, *argv, steps=9)
+            _train(built, tmp_path / "b", data, *argv, steps=7)
+    resumed = _train(built, tmp_path / "b", data, *argv, steps=7)
     assert resumed["losses"] == straight["losses"][4:]
 
 
@@ -348,3 +350,24 @@ def test_stream_flags_on_indexed_data_are_an_error(built: Path) -> None:
             get_data(DataCfg(SplitCfg(str(built / "train.csv"), 4), **kw), 1, 0, 32)
     with pytest.raises(ConfigError, match="--train-num-samples/--val-num-samples applies"):
         get_data(DataCfg(SplitCfg(str(built / "lmdb" / "train"), 4, num_samples=8)), 1, 0, 32)
+
+
+def test_search_index_from_shards_and_a_csv(built: Path, tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    from tiny_eval_data import tiny_checkpoint
+
+    from cn_clip.search.index import IDS_FILE, build_index
+
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    ids = {}
+    for name, source in (
+        ("lmdb", built / "lmdb" / "train" / "imgs"),
+        ("wds", _train_shards(built)),
+        ("csv", built / "train.csv"),
+    ):
+        meta = build_index(
+            source, ckpt, tmp_path / name, architecture=training_helpers.TINY, device="cpu", progress=False
+        )
+        ids[name] = json.loads((tmp_path / name / IDS_FILE).read_text())
+        assert meta["count"] == N_IMAGES
+    assert sorted(ids["wds"]) == sorted(ids["csv"]) == sorted(ids["lmdb"])
