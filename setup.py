@@ -20,10 +20,14 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cn_clip", "cn_clip.*"]),
-    package_data={"cn_clip": ["*.txt", "models/configs/*.json", "eval/templates/*.json", "data/demo/*"]},
+    package_data={"cn_clip": ["*.txt", "models/configs/*.json", "eval/templates/*.json", "data/demo/*", "search/static/*"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=requirements,
-    extras_require={"deepspeed": ["deepspeed>=0.14"]},
+    extras_require={
+        "deepspeed": ["deepspeed>=0.14"],
+        # python -m cn_clip.search serve: the HTTP API and web page; filelock serialises index updates.
+        "search": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "filelock>=3.12"],
+    },
     license="MIT",
 )

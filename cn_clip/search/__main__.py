@@ -1,9 +1,12 @@
-"""``python -m cn_clip.search index …`` / ``python -m cn_clip.search query …``.
+"""``python -m cn_clip.search index|query|add|remove|serve …``.
 
 python -m cn_clip.search index --image-data D/lmdb/valid/imgs --resume CKPT --out IDX
-python -m cn_clip.search index --image-data photos/ --resume CKPT --out IDX
+python -m cn_clip.search index --image-data photos/ --resume CKPT --out IDX --index-type auto
 python -m cn_clip.search query --index IDX "一只猫" --top-k 5
 python -m cn_clip.search query --index IDX --image q.jpg --score softmax
+python -m cn_clip.search add --index IDX --image-data new_photos/
+python -m cn_clip.search remove --index IDX --ids 1001 1002
+python -m cn_clip.search serve --index IDX [--host 127.0.0.1] [--port 8000]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Sequence
 from cn_clip.cli.args import add_context_length_arg, add_model_args, add_precision_arg, add_resume_arg
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError
+from cn_clip.search.ann import INDEX_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--num-workers", type=int, default=None, help="DataLoader readers (default min(4, cores-1))")
     index.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available)")
     index.add_argument("--image-id-type", choices=("auto", "int", "str"), default="auto", help="LMDB key → id")
+    index.add_argument(
+        "--index-type", choices=INDEX_TYPES, default="flat", help="exact flat, approximate ivf|hnsw|ivfpq, or auto"
+    )
     index.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
     index.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -45,6 +52,33 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--resume", default=None, help="checkpoint (default: the one the index was built with)")
     search.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available)")
     search.add_argument("--json", action="store_true", help="print the hits as one JSON list")
+    add = commands.add_parser("add", help="encode more images and add them to an index (atomic)")
+    add.add_argument("--index", required=True, help="index directory to grow")
+    add.add_argument("--image-data", required=True, help="an imgs LMDB directory or a folder of images")
+    add.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
+    add.add_argument("--num-workers", type=int, default=None, help="DataLoader readers (default min(4, cores-1))")
+    add.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available)")
+    add.add_argument("--image-id-type", choices=("auto", "int", "str"), default="auto", help="LMDB key → id")
+    add.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    remove = commands.add_parser("remove", help="remove images from an index by id (atomic)")
+    remove.add_argument("--index", required=True, help="index directory")
+    remove.add_argument("--ids", required=True, nargs="+", help="image ids to remove")
+
+    serve = commands.add_parser("serve", help="HTTP search API and web page")
+    serve.add_argument("--index", required=True, help="index directory (from 'index')")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--resume", default=None, help="checkpoint (default: the one the index was built with)")
+    serve.add_argument("--calibration", default=None, help="calib.json: add a match probability to each hit")
+    serve.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available)")
+    add_precision_arg(serve, choices=("fp32", "fp16", "bf16", "amp"))
+    serve.set_defaults(precision="fp32")
+    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted (default 10)")
+    serve.add_argument("--max-concurrency", type=int, default=32, help="requests in flight before 503 (default 32)")
+    serve.add_argument(
+        "--watch-interval", type=float, default=2.0, help="seconds between checks for a new index version (0: off)"
+    )
     return parser
 
 
@@ -66,10 +100,77 @@ def run_index(args: argparse.Namespace) -> int:
         num_workers=default_num_workers() if args.num_workers is None else args.num_workers,
         context_length=args.context_length,
         id_type=args.image_id_type,
+        index_type=args.index_type,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
     print(f"Indexed {meta['count']} images ({meta['dim']}-d, {meta['architecture']}) into {args.out}")
+    print(_index_line(meta))
+    return 0
+
+
+def _index_line(meta: dict) -> str:
+    line = f"index type {meta['index_type']} ({meta['factory']}), generation {meta['generation']}"
+    if "recall_at_10" in meta:
+        line += f", recall@10 against exact search {meta['recall_at_10']:.4f}"
+    return line
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from cn_clip.eval.features import default_num_workers
+    from cn_clip.search.index import add_images
+
+    before = _count(args.index)
+    meta = add_images(
+        args.index,
+        args.image_data,
+        device=args.device,
+        batch_size=args.img_batch_size,
+        num_workers=default_num_workers() if args.num_workers is None else args.num_workers,
+        id_type=args.image_id_type,
+        progress=not args.no_progress,
+    )
+    print(f"Added {meta['count'] - before} images to {args.index}: {meta['count']} in all")
+    print(_index_line(meta))
+    return 0
+
+
+def _count(index: str) -> int:
+    from cn_clip.search.store import read_meta
+
+    return int(read_meta(index)["count"])
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    from cn_clip.search.store import remove
+
+    before = _count(args.index)
+    meta = remove(args.index, args.ids)
+    print(f"Removed {before - meta['count']} images from {args.index}: {meta['count']} left")
+    print(_index_line(meta))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from cn_clip.search.serve import Limits, ServeConfig, serve
+
+    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--max-concurrency", args.max_concurrency)):
+        if value <= 0:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+    limits = Limits(
+        max_upload_mb=args.max_upload_mb, max_concurrency=args.max_concurrency, watch_interval=args.watch_interval
+    )
+    config = ServeConfig(
+        index=args.index,
+        host=args.host,
+        port=args.port,
+        resume=args.resume,
+        calibration=args.calibration,
+        device=args.device,
+        precision=args.precision,
+        limits=limits,
+    )
+    serve(config)
     return 0
 
 
@@ -93,7 +194,8 @@ def run_query(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     def entry(args_list: Sequence[str] | None) -> int:
         args = build_parser().parse_args(args_list)
-        return run_index(args) if args.command == "index" else run_query(args)
+        commands = {"index": run_index, "query": run_query, "add": run_add, "remove": run_remove, "serve": run_serve}
+        return commands[args.command](args)
 
     setup_logging()
     return run_cli(entry, argv)
