@@ -64,7 +64,8 @@ def make_spec(kind: str, count: int, dim: int) -> IndexSpec:
         return IndexSpec(kind, "HNSW32,Flat", {"efSearch": 128})
     if dim % 8:
         raise ConfigError(f"--index-type ivfpq needs a dimension divisible by 8, got {dim}")
-    return IndexSpec(kind, f"IVF{nlist},PQ{dim // 8},Refine(SQ8)", {"nprobe": nprobe, "k_factor": 8})
+    bits = "" if count >= 256 * 39 else "x4"  # 8-bit codebooks want 39 training rows per centroid
+    return IndexSpec(kind, f"IVF{nlist},PQ{dim // 8}{bits},Refine(SQ8)", {"nprobe": nprobe, "k_factor": 8})
 
 
 def check_trainable(spec: IndexSpec, count: int) -> None:
@@ -76,11 +77,17 @@ def check_trainable(spec: IndexSpec, count: int) -> None:
 
 
 def apply_params(index: Any, params: dict[str, Any]) -> None:
+    """Set search-time parameters: ``k_factor`` on the refine wrapper, ``nprobe`` on the IVF inside, ``efSearch``
+    on the HNSW graph (FAISS's ParameterSpace does not reach through ``IndexRefine``)."""
     import faiss
 
-    space = faiss.ParameterSpace()
-    for name, value in params.items():
-        space.set_index_parameter(index, name, value)
+    index = faiss.downcast_index(index)
+    if "k_factor" in params and isinstance(index, faiss.IndexRefine):
+        index.k_factor = float(params["k_factor"])
+    if "nprobe" in params:
+        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
+    if "efSearch" in params:
+        faiss.downcast_index(index).hnsw.efSearch = int(params["efSearch"])
 
 
 def new_index(spec: IndexSpec, dim: int) -> Any:

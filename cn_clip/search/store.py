@@ -224,18 +224,26 @@ def create(
 
 
 def check_unique(ids: Sequence[Any], existing: dict[str, int] | None = None) -> None:
+    """Refuse ids given twice or (with ``existing``) already indexed, naming up to ten of each."""
     seen: set[str] = set()
-    clashes: list[str] = []
+    twice: list[str] = []
+    present: list[str] = []
     for item in ids:
         key = str(item)
-        if key in seen or (existing is not None and key in existing):
-            clashes.append(key)
+        if existing is not None and key in existing:
+            present.append(key)
+        elif key in seen:
+            twice.append(key)
         seen.add(key)
-    if clashes:
-        more = f" and {len(clashes) - 10} more" if len(clashes) > 10 else ""
-        shown = ", ".join(repr(c) for c in clashes[:10]) + more
-        where = "already in the index" if existing is not None else "duplicated"
-        raise DataError(f"duplicate image ids refused ({where}): {shown}")
+    found = (("already in the index", present), ("given twice", twice))
+    problems = [f"{what}: {_some(keys)}" for what, keys in found if keys]
+    if problems:
+        raise DataError(f"duplicate image ids refused ({'; '.join(problems)})")
+
+
+def _some(keys: Sequence[str]) -> str:
+    more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
+    return ", ".join(repr(k) for k in keys[:10]) + more
 
 
 def _updated_meta(gallery: Gallery, index: Any, vectors: np.ndarray, started: float) -> dict[str, Any]:
