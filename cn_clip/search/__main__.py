@@ -14,11 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from cn_clip.cli.args import add_context_length_arg, add_model_args, add_precision_arg, add_resume_arg
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError
 from cn_clip.search.ann import INDEX_TYPES
+
+
+def _add_reading_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
+    parser.add_argument("--num-workers", type=int, default=None, help="DataLoader readers (default min(4, cores-1))")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available)")
+    parser.add_argument("--image-id-type", choices=("auto", "int", "str"), default="auto", help="LMDB key → id")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,15 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_arg(index, choices=("fp32", "fp16", "bf16", "amp"))
     index.set_defaults(precision="fp32")
     add_context_length_arg(index)
-    index.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
-    index.add_argument("--num-workers", type=int, default=None, help="DataLoader readers (default min(4, cores-1))")
-    index.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available)")
-    index.add_argument("--image-id-type", choices=("auto", "int", "str"), default="auto", help="LMDB key → id")
+    _add_reading_args(index)
     index.add_argument(
         "--index-type", choices=INDEX_TYPES, default="flat", help="exact flat, approximate ivf|hnsw|ivfpq, or auto"
     )
     index.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
-    index.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     search = commands.add_parser("query", help="search an index with a text or an image")
     search.add_argument("--index", required=True, help="index directory (from 'index')")
@@ -55,11 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = commands.add_parser("add", help="encode more images and add them to an index (atomic)")
     add.add_argument("--index", required=True, help="index directory to grow")
     add.add_argument("--image-data", required=True, help="an imgs LMDB directory or a folder of images")
-    add.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
-    add.add_argument("--num-workers", type=int, default=None, help="DataLoader readers (default min(4, cores-1))")
-    add.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda if available)")
-    add.add_argument("--image-id-type", choices=("auto", "int", "str"), default="auto", help="LMDB key → id")
-    add.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_reading_args(add)
 
     remove = commands.add_parser("remove", help="remove images from an index by id (atomic)")
     remove.add_argument("--index", required=True, help="index directory")
@@ -83,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from cn_clip.eval.features import default_num_workers
     from cn_clip.search.index import build_index
 
     if (args.vision_model is None) != (args.text_model is None):
@@ -96,17 +96,26 @@ def run_index(args: argparse.Namespace) -> int:
         architecture=architecture,
         device=args.device,
         precision=args.precision,
-        batch_size=args.img_batch_size,
-        num_workers=default_num_workers() if args.num_workers is None else args.num_workers,
         context_length=args.context_length,
-        id_type=args.image_id_type,
         index_type=args.index_type,
+        reading=_reading(args),
         overwrite=args.overwrite,
-        progress=not args.no_progress,
     )
     print(f"Indexed {meta['count']} images ({meta['dim']}-d, {meta['architecture']}) into {args.out}")
     print(_index_line(meta))
     return 0
+
+
+def _reading(args: argparse.Namespace) -> Any:
+    from cn_clip.eval.features import default_num_workers
+    from cn_clip.search.index import ImageReading
+
+    return ImageReading(
+        batch_size=args.img_batch_size,
+        num_workers=default_num_workers() if args.num_workers is None else args.num_workers,
+        id_type=args.image_id_type,
+        progress=not args.no_progress,
+    )
 
 
 def _index_line(meta: dict) -> str:
@@ -117,19 +126,10 @@ def _index_line(meta: dict) -> str:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from cn_clip.eval.features import default_num_workers
     from cn_clip.search.index import add_images
 
     before = _count(args.index)
-    meta = add_images(
-        args.index,
-        args.image_data,
-        device=args.device,
-        batch_size=args.img_batch_size,
-        num_workers=default_num_workers() if args.num_workers is None else args.num_workers,
-        id_type=args.image_id_type,
-        progress=not args.no_progress,
-    )
+    meta = add_images(args.index, args.image_data, device=args.device, reading=_reading(args))
     print(f"Added {meta['count'] - before} images to {args.index}: {meta['count']} in all")
     print(_index_line(meta))
     return 0

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,22 +80,25 @@ def _source_dataset(image_data: Path, resolution: int, id_type: str) -> tuple[An
     return dataset, [f.relative_to(image_data).as_posix() for f in files], {**source, "kind": "folder"}
 
 
+@dataclass
+class ImageReading:
+    """How gallery images are read and batched for encoding."""
+
+    batch_size: int = 64
+    num_workers: int = 0
+    id_type: str = "auto"  # LMDB key → id, see cn_clip.data.formats.image_id_from_key
+    progress: bool = True
+
+
 def encode_images(
-    image_data: Path,
-    model: Any,
-    *,
-    device: str,
-    precision: str = "fp32",
-    batch_size: int = 64,
-    num_workers: int = 0,
-    id_type: str = "auto",
-    progress: bool = True,
+    image_data: Path, model: Any, device: str, precision: str = "fp32", reading: ImageReading | None = None
 ) -> tuple[F.Extracted, list[str], dict[str, str]]:
     """Features of every image of an LMDB or folder: ``(extracted, keys, source)``, rows in source order."""
-    dataset, keys, source = _source_dataset(image_data, model.cfg.vision.image_resolution, id_type)
-    loader = F.make_loader(dataset, F.sequential_batches(len(dataset), batch_size), num_workers)
+    reading = reading or ImageReading()
+    dataset, keys, source = _source_dataset(image_data, model.cfg.vision.image_resolution, reading.id_type)
+    loader = F.make_loader(dataset, F.sequential_batches(len(dataset), reading.batch_size), reading.num_workers)
     encoder = F.TorchEncoder(model.encode_image, device, precision)
-    return F.extract_features(encoder, loader, desc="images", progress=progress), keys, source
+    return F.extract_features(encoder, loader, desc="images", progress=reading.progress), keys, source
 
 
 def build_index(
@@ -105,13 +109,10 @@ def build_index(
     architecture: str | None = None,
     device: str | None = None,
     precision: str = "fp32",
-    batch_size: int = 64,
-    num_workers: int = 0,
     context_length: int = 52,
-    id_type: str = "auto",
     index_type: str = "flat",
+    reading: ImageReading | None = None,
     overwrite: bool = False,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Extract, index (``index_type``: see :mod:`cn_clip.search.ann`) and write ``out`` atomically; returns the
     metadata written to ``meta.json``."""
@@ -123,16 +124,7 @@ def build_index(
     device = F.resolve_device(device)
     model, ckpt_meta = F.load_eval_model(architecture, resume, device, precision, announce=False)
     image_data = Path(image_data)
-    extracted, keys, source = encode_images(
-        image_data,
-        model,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        id_type=id_type,
-        progress=progress,
-    )
+    extracted, keys, source = encode_images(image_data, model, device, precision, reading)
     meta = {
         "architecture": ckpt_meta["architecture"],
         "checkpoint": str(Path(resume).resolve()),
@@ -157,10 +149,7 @@ def add_images(
     image_data: str | os.PathLike,
     *,
     device: str | None = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    id_type: str = "auto",
-    progress: bool = True,
+    reading: ImageReading | None = None,
 ) -> dict[str, Any]:
     """Encode ``image_data`` with the index's own checkpoint and append it as a new generation (atomic)."""
     from cn_clip.search import store
@@ -169,14 +158,5 @@ def add_images(
     device = F.resolve_device(device)
     precision = meta.get("precision", "fp32")
     model, _ = F.load_eval_model(meta["architecture"], meta["checkpoint"], device, precision, announce=False)
-    extracted, keys, source = encode_images(
-        Path(image_data),
-        model,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        id_type=id_type,
-        progress=progress,
-    )
+    extracted, keys, source = encode_images(Path(image_data), model, device, precision, reading)
     return store.add(index_dir, extracted.matrix, extracted.ids, keys, source)
