@@ -21,6 +21,8 @@ from importlib import resources
 from typing import Any
 from urllib.parse import quote
 
+from cn_clip.errors import ConfigError
+
 _logger = logging.getLogger(__name__)
 
 STATIC = resources.files("cn_clip.search") / "static"
@@ -321,8 +323,10 @@ def load_engine(config: ServeConfig) -> Any:
     model, _ = F.load_eval_model(meta["architecture"], checkpoint, device, config.precision, announce=False)
     calibrator = None
     if config.calibration:
-        from cn_clip.eval.calibrate import Calibrator
-
+        try:
+            from cn_clip.eval.calibrate import Calibrator
+        except ImportError:
+            raise ConfigError("--calibration needs cn_clip.eval.calibrate, which this install lacks") from None
         calibrator = Calibrator.load(config.calibration)
     engine = SearchEngine(config.index, model, device=device, precision=config.precision, calibrator=calibrator)
     engine.warm_up()
