@@ -136,21 +136,43 @@ def load_phase(url: str, clients: int, seconds: float, kind: str) -> dict:
             "p50": p50, "p95": p95, "p99": p99}  # fmt: skip
 
 
-def in_process_baseline(index_dir: Path, n: int) -> dict:
-    """The same work with no HTTP and no concurrency: encode one text, search the gallery; median of ``n``."""
+def in_process_baseline(index_dir: Path, n: int, clients: int, seconds: float) -> dict:
+    """The same work with no HTTP: one text at a time (median of ``n``), then ``clients`` threads for ``seconds``
+    with micro-batching off (``max_batch`` 1) and on (32): what batching buys on this machine."""
     from cn_clip.models.factory import create_model
     from cn_clip.search.engine import SearchEngine
 
     engine = SearchEngine(index_dir, create_model(ARCH).eval(), device="cpu")
     engine.warm_up()
-    times = []
-    for i in range(n):
+
+    def one(i: int) -> float:
         start = time.perf_counter()
         vector = engine.encode_text(QUERIES[i % len(QUERIES)]).result()
         engine.search(engine.gallery, vector, 20, 0)
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    single = float(np.median([one(i) for i in range(n)]))
+    out = {"p50": 1e3 * single, "qps": 1 / single}
+    for max_batch in (1, 32):
+        engine.batcher.max_batch = max_batch
+        done: list[float] = []
+        stop_at = time.perf_counter() + seconds
+
+        def client(worker: int, done: list[float] = done, stop_at: float = stop_at) -> None:
+            i = worker
+            while time.perf_counter() < stop_at:
+                done.append(one(i))
+                i += clients
+
+        threads = [threading.Thread(target=client, args=(w,)) for w in range(clients)]
+        began = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        out[f"batch{max_batch}"] = (len(done) / (time.perf_counter() - began), 1e3 * float(np.median(done)))
     engine.close()
-    return {"p50": 1e3 * float(np.median(times)), "qps": 1 / float(np.median(times))}
+    return out
 
 
 def run_load(args: argparse.Namespace, work: Path) -> list[str]:
@@ -174,7 +196,7 @@ def run_load(args: argparse.Namespace, work: Path) -> list[str]:
     finally:
         child.kill()
         child.join()
-    baseline = in_process_baseline(index_dir, 50)
+    baseline = in_process_baseline(index_dir, 50, args.clients, args.seconds / 2)
     lines = [
         f"### Load test: {args.gallery:,} images (flat), {ARCH}, CPU fp32; server start + warm-up {startup:.1f} s",
         "",
@@ -188,6 +210,9 @@ def run_load(args: argparse.Namespace, work: Path) -> list[str]:
         )
     lines.append(f"| baseline: text encode + search in-process, no HTTP | 1 | 50 | 0 | {baseline['p50']:.1f} | | "
                  f"| {baseline['qps']:.1f} |")  # fmt: skip
+    for max_batch, label in ((1, "off"), (32, "on")):
+        qps, p50 = baseline[f"batch{max_batch}"]
+        lines.append(f"| in-process text, micro-batching {label} | {args.clients} | | | {p50:.1f} | | | {qps:.1f} |")
     return lines
 
 

@@ -21,7 +21,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import quote
 
-from cn_clip.errors import ConfigError
+from cn_clip.errors import CnClipError, ConfigError
 
 _logger = logging.getLogger(__name__)
 
@@ -232,7 +232,10 @@ def _router() -> Any:
     @router.post("/api/reload")
     async def reload(request: Request) -> Any:
         engine = request.app.state.engine
-        changed = await run_in_threadpool(engine.reload)
+        try:
+            changed = await run_in_threadpool(engine.reload)
+        except CnClipError as exc:  # a damaged or mismatched new generation: keep serving the old one, say why
+            return _error(409, f"reload refused, still serving generation {engine.gallery.generation}: {exc}")
         return {"reloaded": changed, **engine.info()}
 
     @router.get("/", include_in_schema=False)

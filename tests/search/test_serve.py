@@ -237,8 +237,8 @@ def test_reload_and_watch_pick_up_new_generations(tmp_path: Path) -> None:
     try:
         folder = tmp_path / "new"
         folder.mkdir()
-        for i in range(3):
-            (folder / f"n{i}.png").write_bytes(png_bytes(200 + i))
+        for i, name in enumerate(["n0.png", "n1.png", "猫 2.png"]):  # a Chinese name with a space: quoted URL
+            (folder / name).write_bytes(png_bytes(200 + i))
         with TestClient(create_app(engine, Limits(watch_interval=0))) as client:
             assert main(["add", "--index", str(idx), "--image-data", str(folder), "--num-workers", "0",
                          "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
@@ -247,8 +247,15 @@ def test_reload_and_watch_pick_up_new_generations(tmp_path: Path) -> None:
             assert body["reloaded"] is True and body["count"] == 33 and body["generation"] == 1
             assert client.get("/api/images/n1.png").content == png_bytes(201)
             upload = client.post("/api/search", files={"image": ("q.png", png_bytes(202), "image/png")})
-            assert upload.json()["results"][0]["id"] == "n2.png"
+            top = upload.json()["results"][0]
+            assert top["id"] == "猫 2.png" and top["image_url"] == "/api/images/%E7%8C%AB%202.png"
+            assert client.get(top["image_url"]).content == png_bytes(202)
             assert client.post("/api/reload").json()["reloaded"] is False
+            (idx / "meta.json").write_text((idx / "meta.json").read_text().replace('"dim": 64', '"dim": 64,,'))
+            refused = client.post("/api/reload")
+            assert refused.status_code == 409 and "still serving generation 1" in refused.json()["detail"]
+            assert "meta.json:" in refused.json()["detail"] and client.get("/api/health").json()["count"] == 33
+            (idx / "meta.json").write_text((idx / "meta.json").read_text().replace('"dim": 64,,', '"dim": 64'))
         with TestClient(create_app(engine, Limits(watch_interval=0.05))) as client:
             assert main(["remove", "--index", str(idx), "--ids", "n0.png", "101"]) == 0
             deadline = time.monotonic() + 10
