@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,21 @@ def test_index_types_store_recall_and_search_like_exact(tmp_path: Path, index_ty
     np.testing.assert_array_equal(np.asarray(gallery.vectors), matrix)
     found = gallery.index.search(matrix[:10], 10)[1]
     assert np.mean([row in hits for row, hits in enumerate(found)]) >= 0.8  # rows find themselves (PQ may miss)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_readers_memory_map_the_index_and_features(tmp_path: Path, index_type: str) -> None:
+    make(tmp_path / "idx", n=300, index_type=index_type)
+
+    def mapped() -> str:
+        return Path("/proc/self/maps").read_text()
+
+    gallery = store.load(tmp_path / "idx")
+    assert str(tmp_path / "idx" / "index.faiss") in mapped() and str(tmp_path / "idx" / "vectors.npy") in mapped()
+    del gallery
+    writer = store.load(tmp_path / "idx", mmap=False)  # updates read into memory (they build a new generation)
+    assert isinstance(writer.vectors, np.ndarray) and not isinstance(writer.vectors, np.memmap)
 
 
 def test_auto_picks_by_size_and_unknown_type_is_refused() -> None:
@@ -157,11 +173,15 @@ def test_readers_see_the_old_or_the_new_generation(tmp_path: Path) -> None:
     thread.start()
     source = {"kind": "folder", "path": str(tmp_path)}
     for step in range(6):
+        reads = len(seen)
+        while len(seen) == reads and thread.is_alive():  # let the reader in between updates, as well as during them
+            time.sleep(0.001)
         store.add(idx, clustered(2, seed=10 + step), [f"n{step}a", f"n{step}b"], ["x", "y"], source)
     done.set()
     thread.join()
     assert not errors, errors
-    assert all(count == 30 + 2 * generation for generation, count in seen) and len(seen) > 1
+    assert all(count == 30 + 2 * generation for generation, count in seen)
+    assert {generation for generation, _ in seen} >= {0, 1, 2, 3, 4, 5}
 
 
 def test_format1_index_loads_and_converts_on_update(tmp_path: Path) -> None:
