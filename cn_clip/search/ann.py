@@ -10,7 +10,7 @@ type       FAISS                                      when ``auto`` picks it
 flat       ``IndexFlatIP``                            fewer than 200,000 images
 ivf        ``IVF{nlist},Flat`` (exact vectors)        —
 hnsw       ``HNSW32,Flat`` (graph, 4 × d bytes + graph)  —
-ivfpq      ``IVF{nlist},PQ{d/8},Refine(SQ8)``         200,000 images or more (about d + d/8 bytes a row)
+ivfpq      ``IVF{nlist},PQ{d/8}np,Refine(SQ8)``       200,000 images or more (about d + d/8 bytes a row)
 =========  =========================================  =============================================
 """
 
@@ -65,7 +65,10 @@ def make_spec(kind: str, count: int, dim: int) -> IndexSpec:
     if dim % 8:
         raise ConfigError(f"--index-type ivfpq needs a dimension divisible by 8, got {dim}")
     bits = "" if count >= 256 * 39 else "x4"  # 8-bit codebooks want 39 training rows per centroid
-    return IndexSpec(kind, f"IVF{nlist},PQ{dim // 8}{bits},Refine(SQ8)", {"nprobe": nprobe, "k_factor": 8})
+    # "np": no polysemous training (it orders codes for Hamming pre-filtering, which is not used here, and it was
+    # 4/5 of the build time)
+    factory = f"IVF{nlist},PQ{dim // 8}{bits}np,Refine(SQ8)"
+    return IndexSpec(kind, factory, {"nprobe": nprobe, "k_factor": 8})
 
 
 def check_trainable(spec: IndexSpec, count: int) -> None:

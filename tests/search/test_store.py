@@ -67,7 +67,7 @@ def test_readers_memory_map_the_index_and_features(tmp_path: Path, index_type: s
 def test_auto_picks_by_size_and_unknown_type_is_refused() -> None:
     assert ann.resolve_kind("auto", 1000) == "flat"
     assert ann.resolve_kind("auto", 5_000_000) == "ivfpq"
-    assert ann.make_spec("ivfpq", 1_000_000, 512).factory == "IVF4000,PQ64,Refine(SQ8)"
+    assert ann.make_spec("ivfpq", 1_000_000, 512).factory == "IVF4000,PQ64np,Refine(SQ8)"
     with pytest.raises(ConfigError, match="unknown --index-type 'annoy'"):
         ann.resolve_kind("annoy", 10)
     with pytest.raises(ConfigError, match="needs at least 40 images to train, got 30"):
