@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,17 @@ def jpeg(size: int = 224) -> bytes:
     return buffer.getvalue()
 
 
+def run_clients(client: Callable[[int], None], clients: int) -> float:
+    """Run ``client(worker)`` on ``clients`` threads at once; wall seconds until all are done."""
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - began
+
+
 def load_phase(url: str, clients: int, seconds: float, kind: str) -> dict:
     """K threads, each sending requests back to back for ``seconds``; latencies of the successful ones."""
     import httpx
@@ -126,13 +138,7 @@ def load_phase(url: str, clients: int, seconds: float, kind: str) -> dict:
                     (latencies.append(took) if response.status_code == 200 else errors.append(response.status_code))
                 i += clients
 
-    threads = [threading.Thread(target=client, args=(w,)) for w in range(clients)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - began
+    wall = run_clients(client, clients)
     ms = 1e3 * np.asarray(latencies)
     p50, p95, p99 = np.percentile(ms, [50, 95, 99]) if len(ms) else (float("nan"),) * 3
     return {"kind": kind, "clients": clients, "requests": len(ms), "errors": len(errors), "qps": len(ms) / wall,
@@ -167,13 +173,8 @@ def in_process_baseline(index_dir: Path, n: int, clients: int, seconds: float) -
                 done.append(one(i))
                 i += clients
 
-        threads = [threading.Thread(target=client, args=(w,)) for w in range(clients)]
-        began = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        out[f"batch{max_batch}"] = (len(done) / (time.perf_counter() - began), 1e3 * float(np.median(done)))
+        wall = run_clients(client, clients)
+        out[f"batch{max_batch}"] = (len(done) / wall, 1e3 * float(np.median(done)))
     engine.close()
     return out
 
