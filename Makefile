@@ -28,6 +28,8 @@ format: venv
 	$(PY) -m ruff format cn_clip tests benchmarks
 
 test: lint
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  echo "browser test skipped: no chromium/chromedriver (sudo apt-get install chromium chromium-driver to enable)"
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Everything the default suite leaves out (slow, reliability); CI runs it after `make test`.
@@ -59,7 +61,7 @@ DEMO_NAME := demo_vit-tiny_bert-tiny
 DEMO_CKPT := $(DEMO)/experiments/$(DEMO_NAME)/checkpoints/epoch_latest.pt
 DEMO_MODEL := --vision-model ViT-Tiny --text-model BERT-Tiny-chinese
 
-demo: venv $(DEMO)/eval/summary.json $(DEMO)/zeroshot/result.txt
+demo: venv $(DEMO)/eval/summary.json $(DEMO)/zeroshot/result.txt $(DEMO)/index/meta.json
 	$(PY) -m cn_clip.demo $(DEMO)
 
 $(DEMO_DATA)/train_texts.jsonl: | venv
@@ -87,6 +89,11 @@ $(DEMO)/zeroshot/result.txt: $(DEMO_CKPT)
 	  > $(DEMO)/zeroshot/result.txt.tmp
 	cat $(DEMO)/zeroshot/result.txt.tmp
 	mv $(DEMO)/zeroshot/result.txt.tmp $(DEMO)/zeroshot/result.txt
+
+# The search index that the summary's last line serves (python -m cn_clip.search serve --index $(DEMO)/index).
+$(DEMO)/index/meta.json: $(DEMO_CKPT)
+	$(PY) -m cn_clip.search index --image-data $(DEMO_DATA)/lmdb/valid/imgs --resume $(DEMO_CKPT) --out $(DEMO)/index \
+	  --num-workers 1 --overwrite
 
 clean-venv:
 	rm -rf $(VENV)

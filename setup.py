@@ -36,7 +36,9 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cn_clip", "cn_clip.*"]),
-    package_data={"cn_clip": ["*.txt", "models/configs/*.json", "eval/templates/*.json", "data/demo/*"]},
+    package_data={
+        "cn_clip": ["*.txt", "models/configs/*.json", "eval/templates/*.json", "data/demo/*", "search/static/*"]
+    },
     include_package_data=True,
     python_requires=">=3.11",  # datetime.UTC (training/main.py)
     install_requires=requirements,

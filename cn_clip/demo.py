@@ -59,6 +59,11 @@ def summary_lines(demo_dir: Path) -> list[str]:
         f"  evaluation JSON {demo_dir / 'eval' / 'output.json'}, {demo_dir / 'eval' / 'output_tr.json'}",
         f"  zero-shot JSON  {demo_dir / 'zeroshot' / 'demo_cls.json'}",
     ]
+    if (demo_dir / "index" / "meta.json").is_file():
+        lines += [
+            "search page and API for the validation images (open http://127.0.0.1:8000/):",
+            f"  python -m cn_clip.search serve --index {demo_dir / 'index'}",
+        ]
     return lines
 
 

@@ -40,6 +40,16 @@ def test_summary_table(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "text→image       12.50   50.00   75.00   40.00" in out
     assert "top-1 25.00   top-5 50.00   mean-per-class 20.00" in out
+    assert "cn_clip.search serve" not in out  # no index built
+
+
+def test_summary_ends_with_the_serve_command(tmp_path: Path, capsys) -> None:
+    _write_outputs(tmp_path)
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "meta.json").write_text("{}", encoding="utf-8")
+    assert main([str(tmp_path)]) == 0
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last == f"  python -m cn_clip.search serve --index {tmp_path / 'index'}"
 
 
 def test_missing_step_output_is_named(tmp_path: Path) -> None:

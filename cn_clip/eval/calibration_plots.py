@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from cn_clip.errors import ConfigError
 from cn_clip.fileio import atomic_write
 
 _logger = logging.getLogger(__name__)
@@ -25,12 +24,9 @@ _LABELS = {
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError(
-            "the calibration plots need matplotlib (pip install 'cn_clip[calibrate]'), or --no-plots"
-        ) from None
+    from cn_clip.extras import require
+
+    matplotlib = require("matplotlib", "the calibration plots (or pass --no-plots)")
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 

@@ -1,10 +1,13 @@
-"""``python -m cn_clip.search index …`` / ``python -m cn_clip.search query …``.
+"""``python -m cn_clip.search index|query|add|remove|serve …``.
 
 python -m cn_clip.search index --image-data D/lmdb/valid/imgs --resume CKPT --out IDX
-python -m cn_clip.search index --image-data photos/ --resume CKPT --out IDX
+python -m cn_clip.search index --image-data photos/ --resume CKPT --out IDX --index-type auto
 python -m cn_clip.search query --index IDX "一只猫" --top-k 5
 python -m cn_clip.search query --index IDX --image q.jpg --score softmax
 python -m cn_clip.search query --index IDX "一只猫" --calibration calib.json --min-probability 0.5
+python -m cn_clip.search add --index IDX --image-data new_photos/
+python -m cn_clip.search remove --index IDX --ids 1001 1002
+python -m cn_clip.search serve --index IDX [--host 127.0.0.1] [--port 8000]
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from cn_clip.cli.args import (
     add_context_length_arg,
@@ -23,6 +27,7 @@ from cn_clip.cli.args import (
 )
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import ConfigError
+from cn_clip.search.ann import INDEX_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
     add_device_arg(index)
     add_image_reader_args(index)
+    index.add_argument(
+        "--index-type", choices=INDEX_TYPES, default="flat", help="exact flat, approximate ivf|hnsw|ivfpq, or auto"
+    )
     index.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
 
     search = commands.add_parser("query", help="search an index with a text or an image")
@@ -53,6 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print the hits as one JSON list")
     search.add_argument("--calibration", default=None, help="calib.json: add a match-probability column")
     search.add_argument("--min-probability", type=float, default=None, help="drop hits below (needs --calibration)")
+    add = commands.add_parser("add", help="encode more images and add them to an index (atomic)")
+    add.add_argument("--index", required=True, help="index directory to grow")
+    add.add_argument("--image-data", required=True, help="an imgs LMDB directory or a folder of images")
+    add.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
+    add_device_arg(add)
+    add_image_reader_args(add)
+
+    remove = commands.add_parser("remove", help="remove images from an index by id (atomic)")
+    remove.add_argument("--index", required=True, help="index directory")
+    remove.add_argument("--ids", required=True, nargs="+", help="image ids to remove")
+
+    serve = commands.add_parser("serve", help="HTTP search API and web page")
+    serve.add_argument("--index", required=True, help="index directory (from 'index')")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--resume", default=None, help="checkpoint (default: the one the index was built with)")
+    serve.add_argument("--calibration", default=None, help="calib.json: add a match probability to each hit")
+    add_device_arg(serve)
+    add_precision_arg(serve)
+    serve.set_defaults(precision="fp32")
+    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted (default 10)")
+    serve.add_argument("--max-concurrency", type=int, default=32, help="requests in flight before 503 (default 32)")
+    serve.add_argument(
+        "--watch-interval", type=float, default=2.0, help="seconds between checks for a new index version (0: off)"
+    )
     return parser
 
 
@@ -69,14 +102,80 @@ def run_index(args: argparse.Namespace) -> int:
         architecture=architecture,
         device=args.device,
         precision=args.precision,
-        batch_size=args.img_batch_size,
-        num_workers=args.num_workers,
         context_length=args.context_length,
-        id_type=args.image_id_type,
+        index_type=args.index_type,
+        reading=_reading(args),
         overwrite=args.overwrite,
-        progress=not args.no_progress,
     )
     print(f"Indexed {meta['count']} images ({meta['dim']}-d, {meta['architecture']}) into {args.out}")
+    print(_index_line(meta))
+    return 0
+
+
+def _reading(args: argparse.Namespace) -> Any:
+    from cn_clip.search.index import ImageReading
+
+    return ImageReading(
+        batch_size=args.img_batch_size,
+        num_workers=args.num_workers,
+        id_type=args.image_id_type,
+        progress=not args.no_progress,
+    )
+
+
+def _index_line(meta: dict) -> str:
+    line = f"index type {meta['index_type']} ({meta['factory']}), generation {meta['generation']}"
+    if "recall_at_10" in meta:
+        line += f", recall@10 against exact search {meta['recall_at_10']:.4f}"
+    return line
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from cn_clip.search.index import add_images
+
+    before = _count(args.index)
+    meta = add_images(args.index, args.image_data, device=args.device, reading=_reading(args))
+    print(f"Added {meta['count'] - before} images to {args.index}: {meta['count']} in all")
+    print(_index_line(meta))
+    return 0
+
+
+def _count(index: str) -> int:
+    from cn_clip.search.store import read_meta
+
+    return int(read_meta(index)["count"])
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    from cn_clip.search.store import remove
+
+    before = _count(args.index)
+    meta = remove(args.index, args.ids)
+    print(f"Removed {before - meta['count']} images from {args.index}: {meta['count']} left")
+    print(_index_line(meta))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from cn_clip.search.serve import Limits, ServeConfig, serve
+
+    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--max-concurrency", args.max_concurrency)):
+        if value <= 0:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+    limits = Limits(
+        max_upload_mb=args.max_upload_mb, max_concurrency=args.max_concurrency, watch_interval=args.watch_interval
+    )
+    config = ServeConfig(
+        index=args.index,
+        host=args.host,
+        port=args.port,
+        resume=args.resume,
+        calibration=args.calibration,
+        device=args.device,
+        precision=args.precision,
+        limits=limits,
+    )
+    serve(config)
     return 0
 
 
@@ -110,7 +209,8 @@ def run_query(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     def entry(args_list: Sequence[str] | None) -> int:
         args = build_parser().parse_args(args_list)
-        return run_index(args) if args.command == "index" else run_query(args)
+        commands = {"index": run_index, "query": run_query, "add": run_add, "remove": run_remove, "serve": run_serve}
+        return commands[args.command](args)
 
     setup_logging()
     return run_cli(entry, argv)

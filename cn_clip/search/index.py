@@ -1,34 +1,26 @@
-"""Build a search index: image features of an ``imgs`` LMDB or an image folder in an exact FAISS inner-product
-index (``IndexFlatIP``; features are L2-normalised, so scores are cosine similarities).
-
-Index directory::
-
-    index.faiss   faiss.write_index of IndexFlatIP(D), row i = item i
-    ids.json      [id, ...]   LMDB image ids (int or str) or, for folders, paths relative to the folder
-    paths.json    [absolute image path, ...]  (folders only)
-    meta.json     architecture, checkpoint, resolution, context length, logit scale, counts, source
+"""Build and grow a search index: image features of an ``imgs`` LMDB or an image folder in a FAISS
+inner-product index (features are L2-normalised, so scores are cosine similarities). The directory layout, its
+atomic updates and the index types are described in :mod:`cn_clip.search.store` and :mod:`cn_clip.search.ann`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cn_clip.errors import ConfigError, DataError
 from cn_clip.eval import features as F
-from cn_clip.fileio import atomic_dir
 from cn_clip.runtime import resolve_device
+from cn_clip.search import ann
 
 _logger = logging.getLogger(__name__)
 
-INDEX_FILE, IDS_FILE, PATHS_FILE, META_FILE = "index.faiss", "ids.json", "paths.json", "meta.json"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
-FORMAT_VERSION = 1
 
 
 def is_lmdb(path: Path) -> bool:
@@ -69,22 +61,51 @@ def load_image(path: Path, transform: Any) -> Any:
         raise DataError(f"{path}: cannot read this image ({type(exc).__name__}: {exc})") from None
 
 
-def _source_dataset(image_data: Path, resolution: int, id_type: str) -> tuple[Any, list[str] | None, str]:
+def _source_dataset(image_data: Path, resolution: int, id_type: str) -> tuple[Any, list[str] | None, dict[str, str]]:
+    """The dataset of ``image_data``, each row's key in it (LMDB key or relative path; None for a shard or file
+    list, whose keys are the image ids read) and the source record."""
     from cn_clip.data.lmdb_dataset import LMDBImageDataset
     from cn_clip.data.sources import image_dataset
 
     if not image_data.exists():
         raise DataError(f"--image-data {image_data} does not exist")
+    source = {"kind": "lmdb", "path": str(image_data.resolve())}
     if image_data.is_dir() and is_lmdb(image_data):
-        return LMDBImageDataset(image_data, resolution=resolution, id_type=id_type), None, "lmdb"
+        dataset = LMDBImageDataset(image_data, resolution=resolution, id_type=id_type)
+        return dataset, [key.decode("utf-8") for key in dataset.keys], source
     if not image_data.is_dir():  # a shard list (.txt), *.tar, or a CSV/JSONL of image files (docs/data.md)
-        return image_dataset(str(image_data), resolution=resolution, id_type=id_type), None, "list"
+        dataset = image_dataset(str(image_data), resolution=resolution, id_type=id_type)
+        return dataset, None, {"kind": "list", "path": str(image_data.resolve())}
     files = list_images(image_data)
     if not files:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise DataError(f"{image_data}: no image files ({extensions}) and no LMDB (data.mdb) found")
-    paths = [str(p.resolve()) for p in files]
-    return FolderImageDataset(image_data, files, resolution), paths, "folder"
+    dataset = FolderImageDataset(image_data, files, resolution)
+    return dataset, [f.relative_to(image_data).as_posix() for f in files], {**source, "kind": "folder"}
+
+
+@dataclass
+class ImageReading:
+    """How gallery images are read and batched for encoding."""
+
+    batch_size: int = 64
+    num_workers: int = 0
+    id_type: str = "auto"  # LMDB key → id, see cn_clip.data.formats.image_id_from_key
+    progress: bool = True
+
+
+def encode_images(
+    image_data: Path, model: Any, device: str, precision: str = "fp32", reading: ImageReading | None = None
+) -> tuple[F.Extracted, list[str], dict[str, str]]:
+    """Features of every image of an LMDB or folder: ``(extracted, keys, source)``, rows in source order."""
+    reading = reading or ImageReading()
+    dataset, keys, source = _source_dataset(image_data, model.cfg.vision.image_resolution, reading.id_type)
+    encoder = F.TorchEncoder(model.encode_image, device, precision)
+    batches = F.sequential_batches(len(dataset), reading.batch_size)
+    extracted = F.extract_dataset(
+        encoder, dataset, batches, num_workers=reading.num_workers, desc="images", progress=reading.progress
+    )
+    return extracted, keys if keys is not None else [str(i) for i in extracted.ids], source
 
 
 def build_index(
@@ -95,52 +116,54 @@ def build_index(
     architecture: str | None = None,
     device: str | None = None,
     precision: str = "fp32",
-    batch_size: int = 64,
-    num_workers: int = 0,
     context_length: int = 52,
-    id_type: str = "auto",
+    index_type: str = "flat",
+    reading: ImageReading | None = None,
     overwrite: bool = False,
-    progress: bool = True,
 ) -> dict[str, Any]:
-    """Extract, index and write ``out`` atomically; returns the metadata written to ``meta.json``."""
-    from cn_clip.extras import require
-
-    faiss = require("faiss", "building a search index")
+    """Extract, index (``index_type``: see :mod:`cn_clip.search.ann`) and write ``out`` atomically; returns the
+    metadata written to ``meta.json``."""
+    from cn_clip.search import store
 
     if Path(out).exists() and not overwrite:
         raise ConfigError(f"{out} already exists (pass --overwrite to replace it)")
+    ann.resolve_kind(index_type, 0)  # an unknown type fails before the model loads
     device = resolve_device(device)
     model, ckpt_meta = F.load_eval_model(architecture, resume, device, precision)
     image_data = Path(image_data)
-    resolution = model.cfg.vision.image_resolution
-    dataset, paths, kind = _source_dataset(image_data, resolution, id_type)
-    encoder = F.TorchEncoder(model.encode_image, device, precision)
-    batches = F.sequential_batches(len(dataset), batch_size)
-    extracted = F.extract_dataset(encoder, dataset, batches, num_workers=num_workers, desc="images", progress=progress)
-    index = faiss.IndexFlatIP(extracted.matrix.shape[1])
-    index.add(extracted.matrix)
+    extracted, keys, source = encode_images(image_data, model, device, precision, reading)
     meta = {
-        "format": FORMAT_VERSION,
         "architecture": ckpt_meta["architecture"],
         "checkpoint": str(Path(resume).resolve()),
         "epoch": ckpt_meta.get("epoch"),
         "step": ckpt_meta.get("step"),
         "precision": precision,
-        "resolution": resolution,
+        "resolution": model.cfg.vision.image_resolution,
         "context_length": context_length,
         "logit_scale": float(model.logit_scale.detach().float().exp()),
-        "count": index.ntotal,
-        "dim": index.d,
-        "source": str(image_data.resolve()),
-        "source_kind": kind,
+        "sources": [source],
         "metric": "inner product of L2-normalised features = cosine similarity",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        faiss.write_index(index, str(tmp / INDEX_FILE))
-        (tmp / IDS_FILE).write_text(json.dumps(extracted.ids, ensure_ascii=False), encoding="utf-8")
-        if paths is not None:
-            (tmp / PATHS_FILE).write_text(json.dumps(paths, ensure_ascii=False), encoding="utf-8")
-        (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
-    _logger.info("indexed %d images (dim %d) from %s into %s", index.ntotal, index.d, image_data, out)
+    locations = [[0, key] for key in keys]
+    meta = store.create(out, extracted.matrix, extracted.ids, locations, meta, index_type, overwrite=overwrite)
+    _logger.info("indexed %d images (dim %d) from %s into %s", meta["count"], meta["dim"], image_data, out)
     return meta
+
+
+def add_images(
+    index_dir: str | os.PathLike,
+    image_data: str | os.PathLike,
+    *,
+    device: str | None = None,
+    reading: ImageReading | None = None,
+) -> dict[str, Any]:
+    """Encode ``image_data`` with the index's own checkpoint and append it as a new generation (atomic)."""
+    from cn_clip.search import store
+
+    meta = store.read_meta(index_dir)
+    device = resolve_device(device)
+    precision = meta.get("precision", "fp32")
+    model, _ = F.load_eval_model(meta["architecture"], meta["checkpoint"], device, precision, announce=False)
+    extracted, keys, source = encode_images(Path(image_data), model, device, precision, reading)
+    return store.add(index_dir, extracted.matrix, extracted.ids, keys, source)

@@ -8,7 +8,6 @@ preference among them, not a calibrated probability of a match.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import numpy as np
 from cn_clip.errors import ConfigError, DataError
 from cn_clip.eval import features as F
 from cn_clip.runtime import resolve_device
-from cn_clip.search.index import IDS_FILE, INDEX_FILE, META_FILE, PATHS_FILE, load_image
+from cn_clip.search.index import load_image
 
 _logger = logging.getLogger(__name__)
 
@@ -43,42 +42,36 @@ class Hit:
 
 
 class SearchIndex:
-    """A loaded index directory (see :mod:`cn_clip.search.index`)."""
+    """A loaded index directory (see :mod:`cn_clip.search.store`), memory-mapped where FAISS allows."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
-        from cn_clip.extras import require
-
-        faiss = require("faiss", "searching an index")
+        from cn_clip.search import store
 
         self.directory = Path(directory)
-        for name in (INDEX_FILE, IDS_FILE, META_FILE):
-            if not (self.directory / name).is_file():
-                raise DataError(f"{self.directory}: not a search index ({name} missing; build one with 'index')")
-        self.meta = json.loads((self.directory / META_FILE).read_text(encoding="utf-8"))
-        self.index = faiss.read_index(str(self.directory / INDEX_FILE))
-        self.ids = json.loads((self.directory / IDS_FILE).read_text(encoding="utf-8"))
-        paths_file = self.directory / PATHS_FILE
-        self.paths = json.loads(paths_file.read_text(encoding="utf-8")) if paths_file.is_file() else None
-        if len(self.ids) != self.index.ntotal or (self.paths is not None and len(self.paths) != len(self.ids)):
-            raise DataError(f"{self.directory}: {self.index.ntotal} vectors but {len(self.ids)} ids (damaged index)")
+        self.gallery = store.load(self.directory)
+        self.meta = self.gallery.meta
+        self.index = self.gallery.index
+        self.ids = self.gallery.ids
 
-    def search(self, vectors: np.ndarray, top_k: int, score: str = "cosine") -> list[list[Hit]]:
-        """Best ``top_k`` items per query row (rows must be L2-normalised)."""
+    def search(self, vectors: np.ndarray, top_k: int, score: str = "cosine", offset: int = 0) -> list[list[Hit]]:
+        """Best ``top_k`` items per query row after skipping ``offset`` (rows must be L2-normalised)."""
         if score not in SCORES:
             raise ConfigError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
-        k = min(top_k, self.index.ntotal)
+        k = min(top_k + offset, self.index.ntotal)
         sims, rows = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         results = []
         for sim_row, index_row in zip(sims, rows, strict=True):
-            values = sim_row.astype(np.float64)
+            found = index_row >= 0  # an approximate index may return fewer than k (label -1)
+            values, labels = sim_row[found].astype(np.float64), index_row[found]
             if score == "softmax":
                 logits = self.meta["logit_scale"] * values
                 values = np.exp(logits - logits.max())
                 values /= values.sum()
             results.append(
                 [
-                    Hit(rank + 1, self.ids[j], float(v), self.paths[j] if self.paths else None)
-                    for rank, (j, v) in enumerate(zip(index_row.tolist(), values.tolist(), strict=True))
+                    Hit(rank + 1, self.ids[j], float(v), self.gallery.path_of(j))
+                    for rank, (j, v) in enumerate(zip(labels.tolist(), values.tolist(), strict=True))
+                    if rank >= offset
                 ]
             )
         return results

@@ -353,7 +353,6 @@ def test_stream_flags_on_indexed_data_are_an_error(built: Path) -> None:
 
 
 def test_search_index_from_shards_and_a_csv(built: Path, tmp_path: Path) -> None:
-    pytest.importorskip("faiss")
     from tiny_eval_data import tiny_checkpoint
 
     from cn_clip.search.index import IDS_FILE, build_index

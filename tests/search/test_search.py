@@ -79,7 +79,7 @@ def test_folder_index_and_image_query(built: dict[str, Path], capsys: pytest.Cap
     [
         (["query", "--index", "{root}/idx_lmdb", "猫", "--image", "x.jpg"], "either a query text or --image"),
         (["query", "--index", "{root}/idx_lmdb"], "either a query text or --image"),
-        (["query", "--index", "{root}/photos", "猫"], "not a search index (index.faiss missing"),
+        (["query", "--index", "{root}/photos", "猫"], "not a search index (meta.json missing"),
         (["index", "--image-data", "{root}/photos", "--out", "{root}/idx_folder", "--resume", "{ckpt}"], "--overwrite"),
         (["index", "--image-data", "{root}/nothing", "--out", "{root}/x", "--resume", "{ckpt}"], "does not exist"),
     ],
