@@ -45,7 +45,10 @@ class SearchIndex:
     """A loaded index directory (see :mod:`cn_clip.search.store`), memory-mapped where FAISS allows."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
+        from cn_clip.extras import require
         from cn_clip.search import store
+
+        require("faiss", "searching an index")
 
         self.directory = Path(directory)
         self.gallery = store.load(self.directory)

@@ -47,6 +47,8 @@ ADDED = {
     },
     "topk": {"calibration": None},  # probabilities from a calib.json (docs/scores.md)
     "run": {"calibrate": None},
+    "search/index": {"index_type": "flat"},  # approximate indexes (docs/search_service.md)
+    "search/index_flags": {"index_type": "flat"},
     "search/query": {"calibration": None, "min_probability": None},
     "search/query_flags": {"calibration": None, "min_probability": None},
     "extract": _SOURCES,

@@ -20,7 +20,7 @@ from cn_clip.data.wds_build import build_webdataset
 from cn_clip.data.wds_dataset import WdsCfg, WebDatasetPairs
 from cn_clip.errors import ConfigError, DataError
 from cn_clip.transforms import image_transform
-from tests.helpers import TINY_FLAGS
+from tests.helpers import TINY_ARCH, TINY_FLAGS
 from tests.training import helpers as training_helpers
 
 from .helpers import image_bytes, write_split
@@ -353,20 +353,19 @@ def test_stream_flags_on_indexed_data_are_an_error(built: Path) -> None:
 
 
 def test_search_index_from_shards_and_a_csv(built: Path, tmp_path: Path) -> None:
-    from tiny_eval_data import tiny_checkpoint
+    from cn_clip.search import store
+    from cn_clip.search.index import ImageReading, build_index
+    from tests.helpers import seeded_checkpoint
 
-    from cn_clip.search.index import IDS_FILE, build_index
-
-    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    ckpt = seeded_checkpoint(tmp_path / "c.pt")
+    reading = ImageReading(num_workers=0, progress=False)
     ids = {}
     for name, source in (
         ("lmdb", built / "lmdb" / "train" / "imgs"),
         ("wds", _train_shards(built)),
         ("csv", built / "train.csv"),
     ):
-        meta = build_index(
-            source, ckpt, tmp_path / name, architecture=training_helpers.TINY, device="cpu", progress=False
-        )
-        ids[name] = json.loads((tmp_path / name / IDS_FILE).read_text())
+        meta = build_index(source, ckpt, tmp_path / name, architecture=TINY_ARCH, device="cpu", reading=reading)
+        ids[name] = [str(i) for i in store.load(tmp_path / name).ids]
         assert meta["count"] == N_IMAGES
     assert sorted(ids["wds"]) == sorted(ids["csv"]) == sorted(ids["lmdb"])
