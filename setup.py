@@ -24,6 +24,6 @@ setup(
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=requirements,
-    extras_require={"deepspeed": ["deepspeed>=0.14"]},
+    extras_require={"deepspeed": ["deepspeed>=0.14"], "lora": ["peft>=0.13"]},
     license="MIT",
 )

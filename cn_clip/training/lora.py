@@ -95,7 +95,10 @@ class PackedLora(nn.Module):
 
 # ---- attaching ------------------------------------------------------------------------------------------------------
 def _inject_text(bert: nn.Module, cfg: LoraCfg) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ConfigError("LoRA on the text tower needs peft: pip install 'cn_clip[lora]' (or peft)") from None
 
     pattern = r"encoder\.layer\.\d+\.(" + "|".join(_BERT_TARGETS[t] for t in cfg.targets) + ")"
     peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=pattern, bias="none")

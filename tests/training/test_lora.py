@@ -242,3 +242,109 @@ def test_layer_decay_scales_by_depth_with_projections_at_full_rate(tmp_path: Pat
     assert engine.lr == pytest.approx(0.1)
     assert sorted({round(g["lr"], 6) for g in engine.optimizer.param_groups}) == [0.0125, 0.025, 0.05, 0.1]
     train(tiny_args(tmp_path, "--layer-decay", "0.7", "--lock-text-unlocked-layers", "1", steps=2))
+
+
+# ---- real processes (slow): SIGKILL + resume, torchrun gloo, DeepSpeed ZeRO-2 ---------------------------------------
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.training.helpers import REPO
+    from tests.training.test_reliability import _env, _steps_logged
+
+    steps = 6
+    flags = [*LORA_FLAGS, "--lora-dropout", "0.1", "--save-step-frequency", "1", "--accum-freq", "2"]
+
+    def cmd(logs: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "cn_clip.training.main",
+            *tiny_args(logs, *flags, steps=steps, data="synthetic:24:4"),
+        ]
+
+    seed = int(os.environ.get("CN_CLIP_RELIABILITY_SEED", time.time_ns() % 10_000))
+    kill_after = random.Random(seed).randint(1, steps - 2)
+    subprocess.run(cmd(tmp_path / "a"), check=True, env=_env(), cwd=REPO, timeout=300, capture_output=True)
+    proc = subprocess.Popen(
+        cmd(tmp_path / "b"), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 240
+        while _steps_logged(tmp_path / "b") < kill_after and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(random.Random(seed + 1).random() * 0.3)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    subprocess.run(cmd(tmp_path / "b"), check=True, env=_env(), cwd=REPO, timeout=300, capture_output=True)
+    a, b = _ckpt(tmp_path / "a"), _ckpt(tmp_path / "b")
+    assert all(torch.equal(a["state_dict"][k], v) for k, v in b["state_dict"].items()), f"seed {seed}"
+    la, lb = a["cn_clip"]["lora"]["adapters"], b["cn_clip"]["lora"]["adapters"]
+    assert all(torch.equal(la[k], lb[k]) for k in la), f"seed {seed}, killed after step {kill_after}"
+
+
+@pytest.mark.slow
+def test_lora_under_torchrun_two_gloo_processes(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.training.helpers import REPO
+    from tests.training.test_distributed import _env, _torchrun
+
+    argv = tiny_args(tmp_path, *LORA_FLAGS, "--grad-checkpointing", "--local-loss", "--gather-with-grad", steps=3)
+    subprocess.run(_torchrun(2, "-m", "cn_clip.training.main", "--", *argv), check=True, env=_env(), cwd=REPO,
+                   timeout=300, capture_output=True)  # fmt: skip
+    log = next((tmp_path / "run").glob("out_*.log")).read_text()
+    assert "Global Batch Size: 8" in log and "LoRA r=2" in log
+    assert (tmp_path / "run" / "checkpoints" / "epoch_latest.lora.safetensors").is_file()
+    load_from_name(str(tmp_path / "run" / "checkpoints" / "epoch_latest.pt"), device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two 2-process DeepSpeed launches
+def test_lora_under_deepspeed_zero2(tmp_path: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    from tests.training.helpers import REPO
+    from tests.training.test_deepspeed import DEEPSPEED
+
+    if not DEEPSPEED.exists() and shutil.which("deepspeed") is None:
+        pytest.skip("deepspeed not installed")
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{DEEPSPEED.parent}:{os.environ['PATH']}",
+    }
+
+    def launch(steps: int, port: int) -> str:
+        argv = tiny_args(tmp_path, *LORA_FLAGS, "--deepspeed", "--deepspeed_config", "run_scripts/ds_config_zero2.json",
+                         steps=steps)  # fmt: skip
+        cmd = [
+            str(DEEPSPEED),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(port),
+            "--module",
+            "cn_clip.training.main",
+            *argv,
+        ]
+        subprocess.run(cmd, check=True, env=env, cwd=REPO, timeout=500, capture_output=True)
+        return "".join(p.read_text() for p in sorted((tmp_path / "run").glob("out_*.log")))
+
+    assert "Global Steps: 2/2" in launch(2, 29751)
+    first = _ckpt(tmp_path)
+    assert not any("lora" in k or "base_layer" in k for k in first["state_dict"])
+    log = launch(3, 29752)  # auto-resume: adapters from the DeepSpeed state
+    assert "optimizer state is restored from the DeepSpeed checkpoint" in log and "Global Steps: 3/3" in log
+    extra = _ckpt(tmp_path)["cn_clip"]["lora"]
+    assert all(torch.equal(extra["base"][k], first["cn_clip"]["lora"]["base"][k]) for k in extra["base"])

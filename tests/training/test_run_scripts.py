@@ -106,3 +106,19 @@ def test_deepspeed_configs_parse() -> None:
     for stage in (1, 2, 3):
         config = json.loads((SCRIPTS / f"ds_config_zero{stage}.json").read_text())
         assert config["zero_optimization"]["stage"] == stage
+
+
+def test_lora_and_unlocking_env_vars(tmp_path: Path) -> None:
+    env = {"LORA_R": "16", "LORA_ALPHA": "32", "LORA_TARGETS": "attn,mlp", "LORA_TRAIN_PROJ": "1", "LR": "1e-4"}
+    argv = _run("muge_finetune.sh", tmp_path, env)
+    assert (_value(argv, "--lora-r"), _value(argv, "--lora-alpha"), _value(argv, "--lora-targets")) == (
+        "16", "32", "attn,mlp",
+    )  # fmt: skip
+    assert (
+        _value(argv, "--lora-towers") == "text,vision"
+        and "--lora-train-proj" in argv
+        and _value(argv, "--lr") == "1e-4"
+    )
+    assert "--lora-r" not in _run("muge_finetune.sh", tmp_path, {})
+    argv = _run("muge_finetune.sh", tmp_path, {"LOCK_IMAGE_UNLOCKED_GROUPS": "0", "LAYER_DECAY": "0.8"})
+    assert (_value(argv, "--lock-image-unlocked-groups"), _value(argv, "--layer-decay")) == ("0", "0.8")
