@@ -248,46 +248,20 @@ def test_layer_decay_scales_by_depth_with_projections_at_full_rate(tmp_path: Pat
 @pytest.mark.slow
 @pytest.mark.reliability
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
-    import os
-    import random
-    import signal
-    import subprocess
     import sys
-    import time
 
-    from tests.training.helpers import REPO
-    from tests.training.test_reliability import _env, _steps_logged
+    from tests.training.test_reliability import kill_and_resume
 
-    steps = 6
     flags = [*LORA_FLAGS, "--lora-dropout", "0.1", "--save-step-frequency", "1", "--accum-freq", "2"]
 
     def cmd(logs: Path) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "cn_clip.training.main",
-            *tiny_args(logs, *flags, steps=steps, data="synthetic:24:4"),
-        ]
+        return [sys.executable, "-m", "cn_clip.training.main", *tiny_args(logs, *flags, steps=6, data="synthetic:24:4")]
 
-    seed = int(os.environ.get("CN_CLIP_RELIABILITY_SEED", time.time_ns() % 10_000))
-    kill_after = random.Random(seed).randint(1, steps - 2)
-    subprocess.run(cmd(tmp_path / "a"), check=True, env=_env(), cwd=REPO, timeout=300, capture_output=True)
-    proc = subprocess.Popen(
-        cmd(tmp_path / "b"), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.time() + 240
-        while _steps_logged(tmp_path / "b") < kill_after and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        time.sleep(random.Random(seed + 1).random() * 0.3)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    subprocess.run(cmd(tmp_path / "b"), check=True, env=_env(), cwd=REPO, timeout=300, capture_output=True)
+    note = kill_and_resume(cmd, tmp_path, 6)
     a, b = _ckpt(tmp_path / "a"), _ckpt(tmp_path / "b")
-    assert all(torch.equal(a["state_dict"][k], v) for k, v in b["state_dict"].items()), f"seed {seed}"
+    assert all(torch.equal(a["state_dict"][k], v) for k, v in b["state_dict"].items()), note
     la, lb = a["cn_clip"]["lora"]["adapters"], b["cn_clip"]["lora"]["adapters"]
-    assert all(torch.equal(la[k], lb[k]) for k in la), f"seed {seed}, killed after step {kill_after}"
+    assert all(torch.equal(la[k], lb[k]) for k in la), note
 
 
 @pytest.mark.slow
