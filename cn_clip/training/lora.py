@@ -105,11 +105,13 @@ def _inject_text(bert: nn.Module, cfg: LoraCfg) -> None:
     inject_adapter_in_model(peft_cfg, bert)
 
 
-def _inject_vision(visual: nn.Module, cfg: LoraCfg) -> None:
+def _inject_vision(model: nn.Module, cfg: LoraCfg) -> None:
+    visual = model.visual
+
     def wrap(parent: nn.Module, name: str) -> None:
         setattr(parent, name, LoraLinear(getattr(parent, name), cfg.r, cfg.scaling, cfg.dropout))
 
-    if hasattr(visual, "transformer"):  # ViT
+    if model.is_vit:
         for block in visual.transformer.resblocks:
             if "attn" in cfg.targets:
                 weight = block.attn.in_proj_weight
@@ -160,7 +162,7 @@ def attach(model: nn.Module, cfg: LoraCfg, seed: int, resume: Mapping | None = N
         if "text" in cfg.towers:
             _inject_text(model.bert, cfg)
         if "vision" in cfg.towers:
-            _inject_vision(model.visual, cfg)
+            _inject_vision(model, cfg)
     model.requires_grad_(False)
     adapters = adapter_parameters(model)
     for param in adapters.values():

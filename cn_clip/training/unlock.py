@@ -23,7 +23,7 @@ def _names(module: nn.Module, prefix: str) -> list[str]:
 def image_groups(model: nn.Module) -> list[list[str]]:
     """The image tower's parameter names (``visual.…``), in groups from input to output."""
     visual = model.visual
-    if hasattr(visual, "transformer"):
+    if model.is_vit:
         blocks = [
             _names(block, f"visual.transformer.resblocks.{i}") for i, block in enumerate(visual.transformer.resblocks)
         ]
