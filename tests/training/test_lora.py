@@ -113,6 +113,16 @@ def test_adapter_file_is_small_and_apply_and_merge_rebuild_the_checkpoint(lora_r
     assert all(torch.equal(plain["state_dict"][k], v) for k, v in state.items())
 
 
+def test_merged_checkpoint_exports_to_hugging_face(lora_run: tuple, tmp_path: Path) -> None:
+    from cn_clip.convert import main as convert_main
+
+    arch, logs, _ = lora_run
+    if not arch.startswith("ViT"):
+        pytest.skip("the Hugging Face ChineseCLIPModel has no ResNet image tower")
+    assert convert_main(["to-hf", str(logs / "run" / "checkpoints" / "epoch_latest.pt"), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
 def test_apply_refuses_an_adapter_for_another_architecture(lora_run: tuple, tmp_path: Path, capsys) -> None:
     arch, logs, _ = lora_run
     other = next(a for a in ARCHS if a != arch)
