@@ -8,9 +8,11 @@ the warm-up step (weights and Adam state), i.e. the activations plus, for cn_cli
 them, the reference keeps them until its next ``zero_grad``, so compare "peak MiB" across implementations and
 "act MiB" across cn_clip variants). Large tensors are mmapped so RSS follows live memory. The reference (cn-clip
 1.6.0) runs in its own venv with ``.cuda()`` patched to identity; it has no FLIP for RN50 and no local loss.
+The LoRA variants (``lora``, ``lora-ckpt``: r = 16 on both towers' attention, only the adapters train) also report
+trainable parameters and the optimizer (Adam) state after the warm-up step, against full fine-tuning (``base``).
 
     .venv/bin/python benchmarks/train_step.py [--archs ViT-B-16 RN50] [--batches 8] [--steps 2]
-        [--variants ref base flip ckpt local] [--ref-python /work/refvenv/bin/python]
+        [--variants ref base flip ckpt local lora lora-ckpt] [--ref-python /work/refvenv/bin/python]
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ VARIANTS = {
     "flip": "cn_clip --mask-ratio 0.5",
     "ckpt": "cn_clip --grad-checkpointing",
     "local": "cn_clip --local-loss --gather-with-grad",
+    "lora": "cn_clip --lora-r 16",
+    "lora-ckpt": "cn_clip --lora-r 16 --grad-checkpointing",
 }
+LORA_R = 16  # the LoRA variants: r = alpha = 16 on both towers' attention (docs/adaptation.md)
 
 
 def _rss_mib() -> float:
@@ -53,7 +58,7 @@ def _inputs(batch: int, resolution: int):
     return images, texts
 
 
-def _measure(step, steps: int, device: str) -> dict:
+def _measure(step, steps: int, device: str, optimizer=None) -> dict:
     import torch
 
     step()  # warm-up: allocates grads and Adam state
@@ -74,7 +79,13 @@ def _measure(step, steps: int, device: str) -> dict:
     peak = (
         torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
-    return {"times": times, "act_mib": max(peak - base, 0.0), "peak_mib": peak, "loss": float(loss)}
+    result = {"times": times, "act_mib": max(peak - base, 0.0), "peak_mib": peak, "loss": float(loss)}
+    if optimizer is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        result["trainable"] = sum(p.numel() for p in params)
+        state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        result["optim_mib"] = sum(t.numel() * t.element_size() for t in state) / 2**20
+    return result
 
 
 def worker_ours(arch: str, batch: int, variant: str, steps: int, device: str) -> dict:
@@ -88,7 +99,13 @@ def worker_ours(arch: str, batch: int, variant: str, steps: int, device: str) ->
 
     torch.manual_seed(0)
     model = create_model(ARCHS[arch], device=device).train()
-    if variant == "ckpt":
+    if variant.startswith("lora"):
+        from cn_clip.training.config import LoraCfg
+        from cn_clip.training.lora import attach
+
+        attach(model, LoraCfg(r=LORA_R, alpha=float(LORA_R)), seed=0)
+        model.to(device)
+    if variant.endswith("ckpt"):
         model.set_grad_checkpointing(True)
     env = DistEnv(device=torch.device(device))
     engine = Engine(model, create_optimizer(param_groups(model, 0.001), 5e-5, (0.9, 0.98), 1e-6), env, "fp32")
@@ -103,7 +120,9 @@ def worker_ours(arch: str, batch: int, variant: str, steps: int, device: str) ->
         engine.step()
         return loss.detach()
 
-    return _measure(step, steps, device)
+    result = _measure(step, steps, device, engine.optimizer)
+    result["total"] = sum(p.numel() for p in model.parameters())
+    return result
 
 
 REF_WORKER = r"""
@@ -172,8 +191,8 @@ def main() -> None:
     parser.add_argument("--ref-python", default="/work/refvenv/bin/python")
     args = parser.parse_args()
     print(f"# train_step on {machine()}, device {args.device}, fp32, {args.steps} timed steps after 1 warm-up")
-    print("| model | batch | variant | s/step (median) | samples/s | act MiB | peak MiB | loss |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | batch | variant | s/step (median) | samples/s | act MiB | peak MiB | trainable | Adam state MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for arch in args.archs:
         for batch in args.batches:
             for variant in args.variants:
@@ -186,9 +205,15 @@ def main() -> None:
                     print(f"| {arch} | {batch} | {VARIANTS[variant]} | error: {res['error']} |||||")
                     continue
                 med = statistics.median(res["times"])
+                trainable = (
+                    f"{res['trainable'] / 1e6:.2f} M ({100 * res['trainable'] / res['total']:.2f} %)"
+                    if "trainable" in res
+                    else "all"
+                )
+                optim = f"{res['optim_mib']:.0f}" if "optim_mib" in res else "-"
                 print(
                     f"| {arch} | {batch} | {VARIANTS[variant]} | {med:.2f} | {batch / med:.2f} | "
-                    f"{res['act_mib']:.0f} | {res['peak_mib']:.0f} | {res['loss']:.4f} |",
+                    f"{res['act_mib']:.0f} | {res['peak_mib']:.0f} | {trainable} | {optim} |",
                     flush=True,
                 )
 

@@ -41,6 +41,17 @@ args=(
 )
 [[ "${USE_AUGMENT:-1}" == 1 ]] && args+=(--use-augment)
 
+# Adaptation (docs/adaptation.md): LORA_R>0 trains low-rank adapters only; LOCK_* freeze all but the last layers.
+if [[ "${LORA_R:-0}" != 0 ]]; then
+  args+=(--lora-r "$LORA_R" --lora-towers "${LORA_TOWERS:-text,vision}" --lora-targets "${LORA_TARGETS:-attn}"
+         --lora-dropout "${LORA_DROPOUT:-0}")
+  [[ -n "${LORA_ALPHA:-}" ]] && args+=(--lora-alpha "$LORA_ALPHA")
+  [[ "${LORA_TRAIN_PROJ:-0}" == 1 ]] && args+=(--lora-train-proj)
+fi
+[[ -n "${LOCK_TEXT_UNLOCKED_LAYERS:-}" ]] && args+=(--lock-text-unlocked-layers "$LOCK_TEXT_UNLOCKED_LAYERS")
+[[ -n "${LOCK_IMAGE_UNLOCKED_GROUPS:-}" ]] && args+=(--lock-image-unlocked-groups "$LOCK_IMAGE_UNLOCKED_GROUPS")
+[[ -n "${LAYER_DECAY:-}" ]] && args+=(--layer-decay "$LAYER_DECAY")
+
 # The recipe (lr 5e-5) is meant for the released weights: a missing default file is an error, not a silent
 # from-scratch run. RESUME=path starts elsewhere; only an explicit empty RESUME= trains from scratch.
 default_resume="$DATAPATH/pretrained_weights/clip_cn_${VISION_MODEL,,}.pt"

@@ -123,7 +123,10 @@ class CLIP(nn.Module):
             text.gradient_checkpointing_disable()
 
     def clamp_logit_scale(self) -> None:
-        """Keep the temperature in [0, ln 100]; called after every optimizer step."""
+        """Keep the temperature in [0, ln 100]; called after every optimizer step. A frozen one (LoRA) is left as
+        loaded, so the frozen base stays bit-identical."""
+        if not self.logit_scale.requires_grad:
+            return
         with torch.no_grad():
             self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
 

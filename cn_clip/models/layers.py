@@ -36,12 +36,15 @@ class PackedSelfAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        self.in_proj_lora: nn.Module | None = None  # low-rank q/k/v update (training/lora.py); no state by default
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, L, D]
         batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D]
+        if self.in_proj_lora is not None:
+            qkv = qkv + self.in_proj_lora(x)
         qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, H, L, Dh]
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))

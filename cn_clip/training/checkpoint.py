@@ -44,6 +44,7 @@ def build_checkpoint(
     epoch_done: bool,
     seed: int,
     scaler: dict | None = None,
+    lora: dict | None = None,
 ) -> dict[str, Any]:
     """``epoch`` is the reference's ``epoch + 1`` (also mid-epoch) and ``step`` the steps done."""
     state_dict, bias = split_logit_bias(state_dict)
@@ -61,6 +62,8 @@ def build_checkpoint(
         "seed": seed,
         "scaler": scaler,
     }
+    if lora is not None:  # config, unmerged base of the adapted weights, adapters (training/lora.py)
+        ckpt["cn_clip"]["lora"] = lora
     return ckpt
 
 
@@ -126,6 +129,7 @@ def prune(checkpoint_dir: Path, keep_last_k: int) -> list[Path]:
     doomed = [path for _, path in numbered[:-keep_last_k]]
     for path in doomed:
         path.unlink(missing_ok=True)
+        path.with_suffix(".lora.safetensors").unlink(missing_ok=True)  # a LoRA run's adapter file
         _logger.info("Removed old checkpoint %s (--keep-last-k %d)", path, keep_last_k)
     return doomed
 

@@ -22,6 +22,31 @@ class LossCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraCfg:
+    """Low-rank adapters (``training/lora.py``): ``ΔW = B·A·alpha/r`` on the chosen towers' target layers."""
+
+    r: int
+    alpha: float  # scaling numerator; --lora-alpha, default r (scaling 1)
+    dropout: float = 0.0  # dropout on the adapter's input
+    towers: tuple[str, ...] = ("text", "vision")
+    targets: tuple[str, ...] = ("attn",)  # "attn" and/or "mlp"
+    train_proj: bool = False  # also train text_projection, the image projection and logit_scale
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoraCfg:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainCfg:
     """What ``loop.Trainer`` reads: schedule, step seeding, logging cadence and checkpoint naming.
 
@@ -46,3 +71,4 @@ class TrainCfg:
     valid_step_interval: int | None = None  # validate every N steps; None/0 = off
     save_step_frequency: int = -1  # write epoch_E_S.pt every N steps; <= 0 = off
     keep_last_k: int = 0  # keep the newest K epoch*.pt; 0 = all
+    lora: LoraCfg | None = None  # checkpoints merge the adapters into the reference keys

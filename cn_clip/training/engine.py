@@ -99,11 +99,12 @@ class Engine:
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # --layer-decay
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
 
     def logit_scale(self) -> float:
         return float(self.module.logit_scale.detach().float())
@@ -228,9 +229,9 @@ class DeepSpeedEngine(Engine):
 
     def set_lr(self, lr: float) -> None:
         for group in self.base_optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def logit_scale(self) -> float:
         """The working copy (no collective: only rank 0 logs it); under ZeRO-3 the local shard may be empty."""

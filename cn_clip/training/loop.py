@@ -201,6 +201,10 @@ class Trainer:
     def freeze_modes(self) -> None:
         """Frozen towers run in eval mode (BatchNorm statistics and dropout stay fixed)."""
         module = self.engine.module
+        for layer in module.modules():  # frozen BatchNorms (LoRA, locked groups) keep their running statistics
+            frozen = getattr(layer, "weight", None) is not None and not layer.weight.requires_grad
+            if frozen and isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+                layer.eval()
         if self.cfg.freeze_vision:
             module.visual.eval()
         if self.cfg.freeze_text:
@@ -338,6 +342,11 @@ class Trainer:
         if self.checkpoint_dir is None:
             return
         state = self.engine.model_state_dict()  # collective under ZeRO-3
+        lora_extra = None
+        if self.cfg.lora is not None:  # reference keys hold the merged weights; the extra keeps resume exact
+            from cn_clip.training.lora import split_state
+
+            state, lora_extra = split_state(state, self.cfg.lora)
         if self.engine.is_deepspeed:
             self.engine.save_extra(self.checkpoint_dir, "last")
         if not self.env.is_primary:
@@ -350,11 +359,17 @@ class Trainer:
             epoch_done,
             self.cfg.seed,
             self.engine.scaler_state_dict(),
+            lora=lora_extra,
         )
         if self.retention is not None and self.retention.baseline is not None:  # a resumed run keeps its baseline
             ckpt["cn_clip"]["retention_baseline"] = {"data": str(self.retention.path), "top1": self.retention.baseline}
         first = self.checkpoint_dir / names[0]
         ckpt_io.save(ckpt, first)
+        if lora_extra is not None:
+            from cn_clip.training.lora import adapter_path, save_adapter
+
+            for name in dict.fromkeys([*names, "epoch_latest.pt"]):
+                save_adapter(adapter_path(self.checkpoint_dir / name), state, lora_extra)
         for name in [n for n in [*names[1:], "epoch_latest.pt"] if n != names[0]]:
             start = time.time()
             with atomic_write(self.checkpoint_dir / name, "wb") as out, first.open("rb") as src:

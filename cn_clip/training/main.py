@@ -94,7 +94,25 @@ def _build_model(args: argparse.Namespace, env: DistEnv) -> Any:
         for param in model.text_parameters():
             param.requires_grad = False
         _logger.info("The text encoder is frozen during training.")
+    from cn_clip.training.unlock import lock_towers
+
+    lock_towers(model, args.lock_text_unlocked_layers, args.lock_image_unlocked_groups)
     return model
+
+
+def _attach_lora(args: argparse.Namespace, model: Any, ckpt: dict | None) -> None:
+    """LoRA adapters after the weights are in; a LoRA checkpoint restores its unmerged base and adapters."""
+    from cn_clip.training.params import lora_config
+
+    cfg = lora_config(args)
+    saved = ((ckpt or {}).get("cn_clip") or {}).get("lora")
+    if cfg is None:
+        if saved is not None:
+            _logger.info("The checkpoint is a LoRA run's; training its merged weights without adapters")
+        return
+    from cn_clip.training.lora import attach
+
+    attach(model, cfg, args.seed, saved)
 
 
 def _resume_path(args: argparse.Namespace, checkpoint_dir: Path | None) -> Path | None:
@@ -220,9 +238,15 @@ def _make_engine(args: argparse.Namespace, model: Any, env: DistEnv) -> Any:
     from cn_clip.training.engine import DeepSpeedEngine, Engine, resolve_deepspeed_config
     from cn_clip.training.optim import create_optimizer, param_groups
 
-    optimizer = create_optimizer(
-        param_groups(model, args.wd, args.wd_groups), args.lr, (args.beta1, args.beta2), args.eps
-    )
+    scales = None
+    if args.layer_decay is not None:
+        from cn_clip.training.unlock import layer_scales
+
+        if not 0 < args.layer_decay <= 1:
+            raise ConfigError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+        scales = layer_scales(model, args.layer_decay)
+    groups = param_groups(model, args.wd, args.wd_groups, scales)
+    optimizer = create_optimizer(groups, args.lr, (args.beta1, args.beta2), args.eps)
     if args.deepspeed:
         config = resolve_deepspeed_config(
             args.deepspeed_config, args.batch_size, args.accum_freq, env.world_size, args.precision, args.grad_clip_norm
@@ -265,6 +289,7 @@ def train(args: argparse.Namespace) -> dict:
             resume = _resume_path(args, checkpoint_dir)
         ckpt = _load_weights(model, resume) if resume else None
         _prepare_logit_bias(args, model)
+        _attach_lora(args, model, ckpt)
         model.to(env.device)
         data_cfg = dataclasses.replace(data_config(args), tokenizer=get_tokenizer(model.cfg))
         data = get_data(data_cfg, env.world_size, env.rank, model.cfg.vision.image_resolution)

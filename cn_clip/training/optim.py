@@ -52,15 +52,24 @@ def split_decay(model: nn.Module, wd_groups: str = "reference") -> tuple[list[st
     return no_decay, decay
 
 
-def param_groups(model: nn.Module, weight_decay: float, wd_groups: str = "reference") -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, wd_groups: str = "reference", lr_scales: dict[str, float] | None = None
+) -> list[dict]:
     """``[{no-decay params, weight_decay 0}, {decay params, weight_decay}]`` — the reference's group order, so
-    optimizer state dicts line up with the reference's."""
+    optimizer state dicts line up with the reference's. With ``lr_scales`` (``--layer-decay``) each of the two is
+    split further by learning-rate multiplier (``lr_scale``, applied by the engine); missing names get 1."""
     params = dict(model.named_parameters())
     no_decay, decay = split_decay(model, wd_groups)
-    return [
-        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
-        {"params": [params[n] for n in decay], "weight_decay": weight_decay},
-    ]
+    if lr_scales is None:
+        return [
+            {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
+            {"params": [params[n] for n in decay], "weight_decay": weight_decay},
+        ]
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for names, wd in ((no_decay, 0.0), (decay, weight_decay)):
+        for name in names:
+            groups.setdefault((wd, lr_scales.get(name, 1.0)), []).append(params[name])
+    return [{"params": ps, "weight_decay": wd, "lr_scale": scale} for (wd, scale), ps in groups.items()]
 
 
 def create_optimizer(

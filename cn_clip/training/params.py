@@ -17,7 +17,8 @@ from cn_clip.cli.args import (
 )
 from cn_clip.data.loader import DataCfg, SplitCfg
 from cn_clip.data.sources import add_source_args
-from cn_clip.training.config import LossCfg, TrainCfg
+from cn_clip.errors import ConfigError
+from cn_clip.training.config import LoraCfg, LossCfg, TrainCfg
 from cn_clip.training.optim import WD_GROUPS, default_hparams
 
 
@@ -106,6 +107,25 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--use-bn-sync", action="store_true", default=False, help="SyncBatchNorm (ResNet)")
 
 
+def _adaptation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("adaptation (docs/adaptation.md)")
+    group.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 = off (full fine-tuning)")
+    group.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling alpha/r (default: alpha = r)")
+    group.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    group.add_argument("--lora-towers", default="text,vision", help="comma list of text, vision")
+    group.add_argument("--lora-targets", default="attn", help="attn or attn,mlp")
+    group.add_argument(
+        "--lora-train-proj", action="store_true", default=False, help="also train the projections and logit_scale"
+    )
+    group.add_argument(
+        "--lock-text-unlocked-layers", type=int, default=None, help="freeze BERT except its last N layers"
+    )
+    group.add_argument(
+        "--lock-image-unlocked-groups", type=int, default=None, help="freeze the image tower except its last N groups"
+    )
+    group.add_argument("--layer-decay", type=float, default=None, help="layer-wise LR decay G (projections at 1)")
+
+
 def _loss_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loss")
     group.add_argument(
@@ -154,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cn_clip.training.main", description="Contrastive fine-tuning of Chinese CLIP."
     )
-    for add in (_data_args, _log_args, _optim_args, _model_args, _loss_args, _adaptation_check_args, _launcher_args):
+    for add in (
+        _data_args, _log_args, _optim_args, _model_args, _adaptation_args, _loss_args, _adaptation_check_args,
+        _launcher_args,
+    ):  # fmt: skip
         add(parser)
     return parser
 
@@ -191,6 +214,39 @@ def data_config(args: argparse.Namespace) -> DataCfg:
     )
 
 
+def _comma_list(flag: str, value: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))
+    bad = [item for item in items if item not in allowed]
+    if not items or bad:
+        raise ConfigError(f"{flag} {value!r}: use a comma list of {', '.join(allowed)}")
+    return tuple(item for item in allowed if item in items)
+
+
+def lora_config(args: argparse.Namespace) -> LoraCfg | None:
+    """``None`` without ``--lora-r``; otherwise the checked adapter settings."""
+    if not args.lora_r:
+        return None
+    if args.lora_r < 0:
+        raise ConfigError(f"--lora-r must be ≥ 0, got {args.lora_r}")
+    if not 0 <= args.lora_dropout < 1:
+        raise ConfigError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    towers = _comma_list("--lora-towers", args.lora_towers, ("text", "vision"))
+    for flag, tower in (("--freeze-text", "text"), ("--freeze-vision", "vision")):
+        if getattr(args, flag[2:].replace("-", "_")) and tower in towers:
+            raise ConfigError(f"{flag} with --lora-towers {args.lora_towers}: drop {tower} from --lora-towers")
+    for flag in ("--lock-text-unlocked-layers", "--lock-image-unlocked-groups", "--layer-decay"):
+        if getattr(args, flag[2:].replace("-", "_")) is not None:
+            raise ConfigError(f"{flag} does not combine with --lora-r (LoRA freezes the whole base model)")
+    return LoraCfg(
+        r=args.lora_r,
+        alpha=float(args.lora_alpha if args.lora_alpha is not None else args.lora_r),
+        dropout=args.lora_dropout,
+        towers=towers,
+        targets=_comma_list("--lora-targets", args.lora_targets, ("attn", "mlp")),
+        train_proj=args.lora_train_proj,
+    )
+
+
 def train_config(args: argparse.Namespace) -> TrainCfg:
     """The loop's settings from the parsed flags (``max_steps``/``max_epochs`` already resolved)."""
     loss = LossCfg(
@@ -206,4 +262,9 @@ def train_config(args: argparse.Namespace) -> TrainCfg:
         "freeze_vision", "freeze_text", "use_flash_attention", "log_interval", "report_training_batch_acc",
         "valid_step_interval", "save_step_frequency", "keep_last_k",
     )  # fmt: skip
-    return TrainCfg(loss=loss, **{name: getattr(args, name) for name in same})
+    values = {name: getattr(args, name) for name in same}
+    lora = lora_config(args)
+    if lora is not None:  # a tower without adapters is frozen: it runs in eval mode like --freeze-*
+        values["freeze_text"] = values["freeze_text"] or "text" not in lora.towers
+        values["freeze_vision"] = values["freeze_vision"] or "vision" not in lora.towers
+    return TrainCfg(loss=loss, lora=lora, **values)

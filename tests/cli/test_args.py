@@ -44,6 +44,10 @@ ADDED = {
         # adaptation (docs/training.md)
         "distillation_towers": "image,text", "teacher_download_root": None, "retention_data": None,
         "retention_warn": 5.0, "valid_at_start": False,
+        # LoRA and partial unlocking (docs/adaptation.md)
+        "lora_r": 0, "lora_alpha": None, "lora_dropout": 0.0, "lora_towers": "text,vision", "lora_targets": "attn",
+        "lora_train_proj": False, "lock_text_unlocked_layers": None, "lock_image_unlocked_groups": None,
+        "layer_decay": None,
     },
     "topk": {"calibration": None},  # probabilities from a calib.json (docs/scores.md)
     "run": {"calibrate": None},

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from cn_clip.data.loader import DataCfg, SplitCfg, get_data
-from cn_clip.training.config import LossCfg, TrainCfg
+from cn_clip.training.config import LoraCfg, LossCfg, TrainCfg
 from cn_clip.training.loop import resolve_max_steps
 from cn_clip.training.params import data_config, parse_args, train_config
 
@@ -49,9 +49,10 @@ def test_flags_map_onto_the_configs() -> None:
 
 def test_every_train_cfg_field_is_a_flag() -> None:
     args = parse_args(["--train-data", "synthetic:8"])
-    fields = {f.name for f in dataclasses.fields(TrainCfg)} - {"loss"}
+    fields = {f.name for f in dataclasses.fields(TrainCfg)} - {"loss", "lora"}
     loss_fields = {f.name for f in dataclasses.fields(LossCfg)} - {"kind"}  # kind is --loss
     assert fields <= set(vars(args)) and loss_fields <= set(vars(args)) and "loss" in vars(args)
+    assert {f"lora_{f.name}" for f in dataclasses.fields(LoraCfg)} <= set(vars(args))
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,13 +38,15 @@ def _steps_logged(logs: Path) -> int:
     return max(map(int, found), default=0)
 
 
-def test_sigkill_at_random_step_then_resume(tmp_path: Path) -> None:
+def kill_and_resume(cmd: Callable[[Path], list[str]], tmp_path: Path, steps: int) -> str:
+    """Run ``cmd(tmp_path/"a")`` to the end; run ``cmd(tmp_path/"b")``, SIGKILL it at a random step, check its
+    latest checkpoint loads, run it again to resume. Returns the seed/kill note for assertion messages."""
     seed = int(os.environ.get("CN_CLIP_RELIABILITY_SEED", time.time_ns() % 10_000))
-    kill_after = random.Random(seed).randint(1, STEPS - 2)
-    subprocess.run(_cmd(tmp_path / "a"), check=True, env=_env(), cwd=REPO, timeout=300, capture_output=True)
+    kill_after = random.Random(seed).randint(1, steps - 2)
+    subprocess.run(cmd(tmp_path / "a"), check=True, env=_env(), cwd=REPO, timeout=300, capture_output=True)
 
     proc = subprocess.Popen(
-        _cmd(tmp_path / "b"), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd(tmp_path / "b"), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         deadline = time.time() + 240
@@ -56,6 +59,11 @@ def test_sigkill_at_random_step_then_resume(tmp_path: Path) -> None:
     latest = tmp_path / "b" / "run" / "checkpoints" / "epoch_latest.pt"
     if latest.exists():  # never truncated: it loads, whatever moment the kill hit
         torch.load(latest, map_location="cpu", weights_only=True)
-    subprocess.run(_cmd(tmp_path / "b"), check=True, env=_env(), cwd=REPO, timeout=300, capture_output=True)
+    subprocess.run(cmd(tmp_path / "b"), check=True, env=_env(), cwd=REPO, timeout=300, capture_output=True)
+    return f"seed {seed}, killed after step {kill_after}"
+
+
+def test_sigkill_at_random_step_then_resume(tmp_path: Path) -> None:
+    note = kill_and_resume(_cmd, tmp_path, STEPS)
     a, b = latest_state(tmp_path / "a"), latest_state(tmp_path / "b")
-    assert all(torch.equal(a[k], b[k]) for k in a), f"seed {seed}, killed after step {kill_after}"
+    assert all(torch.equal(a[k], b[k]) for k in a), note

@@ -248,3 +248,19 @@ def test_zeroshot_script_writes_the_predictions(tmp_path: Path, vit_ckpt: Path) 
     assert argv[:4] == ["python", "-u", "-m", "cn_clip.eval.zeroshot_evaluation"]
     assert main(_module_args(argv, "cn_clip.eval.zeroshot_evaluation")) == 0
     assert (tmp_path / "data" / "save_predictions" / "tiny.json").is_file()
+
+
+def test_lora_and_unlocking_env_vars(tmp_path: Path) -> None:
+    env = {"LORA_R": "16", "LORA_ALPHA": "32", "LORA_TARGETS": "attn,mlp", "LORA_TRAIN_PROJ": "1", "LR": "1e-4"}
+    argv = _run("muge_finetune.sh", tmp_path, {**env, "RESUME": ""})
+    assert (_value(argv, "--lora-r"), _value(argv, "--lora-alpha"), _value(argv, "--lora-targets")) == (
+        "16", "32", "attn,mlp",
+    )  # fmt: skip
+    assert (
+        _value(argv, "--lora-towers") == "text,vision"
+        and "--lora-train-proj" in argv
+        and _value(argv, "--lr") == "1e-4"
+    )
+    assert "--lora-r" not in _run("muge_finetune.sh", tmp_path, {"RESUME": ""})
+    argv = _run("muge_finetune.sh", tmp_path, {"LOCK_IMAGE_UNLOCKED_GROUPS": "0", "LAYER_DECAY": "0.8", "RESUME": ""})
+    assert (_value(argv, "--lock-image-unlocked-groups"), _value(argv, "--layer-decay")) == ("0", "0.8")
