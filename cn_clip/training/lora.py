@@ -95,10 +95,10 @@ class PackedLora(nn.Module):
 
 # ---- attaching ------------------------------------------------------------------------------------------------------
 def _inject_text(bert: nn.Module, cfg: LoraCfg) -> None:
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError:
-        raise ConfigError("LoRA on the text tower needs peft: pip install 'cn_clip[lora]' (or peft)") from None
+    from cn_clip.extras import require
+
+    peft = require("peft", "LoRA on the text tower")
+    LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model  # noqa: N806
 
     pattern = r"encoder\.layer\.\d+\.(" + "|".join(_BERT_TARGETS[t] for t in cfg.targets) + ")"
     peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=pattern, bias="none")
