@@ -40,6 +40,15 @@ def add_context_length_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-length", type=int, default=52, help="max tokens incl. [CLS]/[SEP] (≤ 512)")
 
 
+def add_matryoshka_dim_arg(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument(
+        "--dim",
+        type=int,
+        default=None,
+        help="Matryoshka: keep the first k feature coordinates, re-normalised (default: all; see --matryoshka-dims)",
+    )
+
+
 def add_precision_arg(parser: argparse.ArgumentParser, choices: tuple[str, ...] = PRECISIONS):
     parser.add_argument("--precision", choices=choices, default="amp", help="floating point precision")
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from functools import partial
 
 from cn_clip.cli.args import (
     add_context_length_arg,
     add_debug_arg,
     add_device_arg,
     add_image_reader_args,
+    add_matryoshka_dim_arg,
     add_model_args,
     add_precision_arg,
     add_resume_arg,
@@ -24,6 +26,7 @@ from cn_clip.cli.runner import print_params, run_cli, setup_logging
 from cn_clip.errors import ConfigError
 from cn_clip.eval import features as F
 from cn_clip.eval.features import default_output_paths
+from cn_clip.models.matryoshka import check_dim
 from cn_clip.runtime import shutdown
 
 _logger = logging.getLogger(__name__)
@@ -66,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--npy-dtype", choices=("float32", "float16"), default="float32", help="matrix dtype for npy")
     add_device_arg(extra)
     add_image_reader_args(extra)
+    add_matryoshka_dim_arg(extra)
     return parser
 
 
@@ -103,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     device = str(env.device)
     architecture = f"{args.vision_model}@{args.text_model}"
     model, _ = F.load_eval_model(architecture, args.resume, device, args.precision, print if primary else None)
+    if args.dim is not None:
+        check_dim(args.dim, model.cfg.embed_dim)
     opts = F.ExtractOptions(
         img_batch_size=args.img_batch_size,
         text_batch_size=args.text_batch_size,
@@ -114,10 +120,10 @@ def run(args: argparse.Namespace) -> int:
     )
     jobs = []
     if args.extract_text_feats:
-        encoder = F.TorchEncoder(model.encode_text, device, args.precision)
+        encoder = F.TorchEncoder(partial(model.encode_text, dim=args.dim), device, args.precision)
         jobs.append(F.FeatureJob("text", encoder, args.text_data, args.text_feat_output_path))
     if args.extract_image_feats:
-        encoder = F.TorchEncoder(model.encode_image, device, args.precision)
+        encoder = F.TorchEncoder(partial(model.encode_image, dim=args.dim), device, args.precision)
         resolution = model.cfg.vision.image_resolution
         jobs.append(F.FeatureJob("image", encoder, args.image_data, args.image_feat_output_path, resolution))
     F.extract_files(jobs, opts, env, print if primary else None)

@@ -16,6 +16,7 @@ from cn_clip.cli.args import (
     add_context_length_arg,
     add_device_arg,
     add_image_reader_args,
+    add_matryoshka_dim_arg,
     add_model_args,
     add_precision_arg,
     add_resume_arg,
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arg(index)
     add_image_reader_args(index)
     index.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
+    add_matryoshka_dim_arg(index)
 
     search = commands.add_parser("query", help="search an index with a text or an image")
     search.add_argument("--index", required=True, help="index directory (from 'index')")
@@ -72,6 +74,7 @@ def run_index(args: argparse.Namespace) -> int:
         id_type=args.image_id_type,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        dim=args.dim,
     )
     print(f"Indexed {meta['count']} images ({meta['dim']}-d, {meta['architecture']}) into {args.out}")
     return 0

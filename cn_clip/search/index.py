@@ -16,12 +16,14 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from cn_clip.errors import ConfigError, DataError
 from cn_clip.eval import features as F
 from cn_clip.fileio import atomic_dir
+from cn_clip.models.matryoshka import check_dim
 from cn_clip.runtime import resolve_device
 
 _logger = logging.getLogger(__name__)
@@ -100,8 +102,10 @@ def build_index(
     id_type: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    dim: int | None = None,
 ) -> dict[str, Any]:
-    """Extract, index and write ``out`` atomically; returns the metadata written to ``meta.json``."""
+    """Extract, index and write ``out`` atomically; returns the metadata written to ``meta.json``. ``dim=k`` indexes
+    Matryoshka features (the first k coordinates, re-normalised); queries are truncated the same way."""
     from cn_clip.extras import require
 
     faiss = require("faiss", "building a search index")
@@ -113,7 +117,9 @@ def build_index(
     image_data = Path(image_data)
     resolution = model.cfg.vision.image_resolution
     dataset, paths, kind = _source_dataset(image_data, resolution, id_type)
-    encoder = F.TorchEncoder(model.encode_image, device, precision)
+    if dim is not None:
+        check_dim(dim, model.cfg.embed_dim)
+    encoder = F.TorchEncoder(partial(model.encode_image, dim=dim), device, precision)
     batches = F.sequential_batches(len(dataset), batch_size)
     extracted = F.extract_dataset(encoder, dataset, batches, num_workers=num_workers, desc="images", progress=progress)
     index = faiss.IndexFlatIP(extracted.matrix.shape[1])
@@ -130,6 +136,7 @@ def build_index(
         "logit_scale": float(model.logit_scale.detach().float().exp()),
         "count": index.ntotal,
         "dim": index.d,
+        "matryoshka_dim": dim,
         "source": str(image_data.resolve()),
         "source_kind": kind,
         "metric": "inner product of L2-normalised features = cosine similarity",

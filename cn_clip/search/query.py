@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +89,16 @@ def encode_query(model: Any, meta: dict[str, Any], text: str | None, image: str 
         from cn_clip.tokenizer import normalize_text, tokenize
 
         tokens = tokenize([normalize_text(text)], context_length=meta.get("context_length", 52))
-        return F.l2_normalize(F.TorchEncoder(model.encode_text, device)(tokens))
+        encode_text = partial(model.encode_text, dim=meta.get("matryoshka_dim"))  # None: full width
+        return F.l2_normalize(F.TorchEncoder(encode_text, device)(tokens))
     from cn_clip.transforms import image_transform
 
     path = Path(image)
     if not path.is_file():
         raise DataError(f"--image {path} does not exist")
     tensor = load_image(path, image_transform(meta["resolution"]))[None]
-    return F.l2_normalize(F.TorchEncoder(model.encode_image, device)(tensor))
+    encode_image = partial(model.encode_image, dim=meta.get("matryoshka_dim"))
+    return F.l2_normalize(F.TorchEncoder(encode_image, device)(tensor))
 
 
 def query(

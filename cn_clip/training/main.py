@@ -59,6 +59,10 @@ def _check_args(args: argparse.Namespace, model: Any) -> None:
         raise ConfigError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     if args.accum_freq < 1 or args.batch_size < 1 or args.valid_batch_size < 1:
         raise ConfigError("--accum-freq, --batch-size and --valid-batch-size must be ≥ 1")
+    if args.matryoshka_dims:
+        from cn_clip.models.matryoshka import check_dims
+
+        check_dims(args.matryoshka_dims, model.cfg.embed_dim)
     if args.distillation and not args.teacher_model_name:
         raise ConfigError("--distillation needs --teacher-model-name")
     if args.use_flash_attention:

@@ -105,6 +105,22 @@ def _loss_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--distillation", action="store_true", default=False, help="image-feature distillation")
     group.add_argument("--teacher-model-name", default=None, help="teacher: cn_clip name/checkpoint or ModelScope id")
     group.add_argument("--kd_loss_weight", type=float, default=0.5, help="weight of the distillation loss")
+    group.add_argument(
+        "--matryoshka-dims",
+        type=_matryoshka_dims,
+        default=(),
+        help="nested-dimension losses over these leading feature widths, e.g. 512,256,128,64",
+    )
+
+
+def _matryoshka_dims(text: str) -> tuple[int, ...]:
+    from cn_clip.errors import ConfigError
+    from cn_clip.models.matryoshka import parse_dims
+
+    try:
+        return parse_dims(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _launcher_args(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +170,7 @@ def train_config(args: argparse.Namespace) -> TrainCfg:
         local_loss=args.local_loss,
         mask_duplicates=args.mask_duplicates,
         kd_loss_weight=args.kd_loss_weight,
+        matryoshka_dims=args.matryoshka_dims,
     )
     same = (
         "name", "max_steps", "max_epochs", "lr", "warmup", "skip_scheduler", "accum_freq", "seed", "mask_ratio",
