@@ -57,7 +57,7 @@ def add_feature_io_args(parser: argparse.ArgumentParser, default_batch_size: int
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Extract L2-normalised image and/or text features (JSONL or .npy).")
     add_feature_io_args(parser, default_batch_size=64)
-    add_context_length_arg(parser)
+    add_context_length_arg(parser, interpolate=True)
     add_resume_arg(parser)
     add_precision_arg(parser)
     add_model_args(parser)
@@ -106,7 +106,15 @@ def run(args: argparse.Namespace) -> int:
             print("Preparing text inference dataset.")
     device = str(env.device)
     architecture = f"{args.vision_model}@{args.text_model}"
-    model, _ = F.load_eval_model(architecture, args.resume, device, args.precision, print if primary else None)
+    model, _ = F.load_eval_model(
+        architecture,
+        args.resume,
+        device,
+        args.precision,
+        print if primary else None,
+        args.context_length,
+        args.interpolate_positions,
+    )
     if args.dim is not None:
         check_dim(args.dim, model.cfg.embed_dim)
     opts = F.ExtractOptions(

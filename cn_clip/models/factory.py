@@ -15,6 +15,7 @@ from cn_clip.errors import CheckpointError, ConfigError
 from cn_clip.models.clip_model import CLIP
 from cn_clip.models.config import CLIPCfg
 from cn_clip.models.layers import PackedSelfAttention
+from cn_clip.models.positions import POSITION_KEY, fit_checkpoint_positions
 from cn_clip.models.pretrained import PRETRAINED, available_models
 from cn_clip.models.registry import get_model_config, list_towers
 from cn_clip.runtime import resolve_device, weight_dtype
@@ -62,7 +63,9 @@ def load_checkpoint_into(model: CLIP, checkpoint: str | Path | Mapping[str, Any]
         raw, source = dict(checkpoint), "<checkpoint dict>"
     else:
         raw, source = read_checkpoint(checkpoint), str(checkpoint)
-    load_state_dict_strict(model, state_dict_of(raw, source), source)
+    state = state_dict_of(raw, source)
+    fit_checkpoint_positions(model, state)  # a checkpoint trained with --interpolate-positions
+    load_state_dict_strict(model, state, source)
     return {k: v for k, v in raw.items() if k not in ("state_dict", "optimizer")}
 
 
@@ -89,10 +92,17 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> str:
     state = clean_state_dict(state)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     vision_keys = {k: s for k, s in shapes.items() if k.startswith("visual.") or k == "text_projection"}
-    text_keys = {k: s for k, s in shapes.items() if k.startswith("bert.")}
+    text_keys = _any_position_rows({k: s for k, s in shapes.items() if k.startswith("bert.")})
     vision = _match_tower("vision", vision_keys, lambda v: f"{v}@{list_towers('text')[0]}", "visual.")
     text = _match_tower("text", text_keys, lambda t: f"{list_towers('vision')[0]}@{t}", "bert.")
     return f"{vision}@{text}"
+
+
+def _any_position_rows(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """A tower matches whatever its position-table rows (a checkpoint trained with --interpolate-positions)."""
+    if POSITION_KEY in shapes:
+        shapes[POSITION_KEY] = (None, *shapes[POSITION_KEY][1:])
+    return shapes
 
 
 def _match_tower(kind: str, wanted: dict[str, tuple], arch: Callable[[str], str], prefix: str) -> str:
@@ -100,7 +110,7 @@ def _match_tower(kind: str, wanted: dict[str, tuple], arch: Callable[[str], str]
     for tower in list_towers(kind):
         with torch.device("meta"):
             model = CLIP(get_model_config(arch(tower)))
-        have = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)}
+        have = _any_position_rows({k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)})
         if have == wanted:
             return tower
     raise CheckpointError(

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.set_defaults(vision_model=None, text_model=None)  # None: inferred from the checkpoint's shapes
     add_precision_arg(index)
     index.set_defaults(precision="fp32")
-    add_context_length_arg(index)
+    add_context_length_arg(index, interpolate=True)
     index.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
     add_device_arg(index)
     add_image_reader_args(index)
@@ -75,6 +75,7 @@ def run_index(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         dim=args.dim,
+        interpolate_positions=args.interpolate_positions,
     )
     print(f"Indexed {meta['count']} images ({meta['dim']}-d, {meta['architecture']}) into {args.out}")
     return 0

@@ -103,6 +103,7 @@ def build_index(
     overwrite: bool = False,
     progress: bool = True,
     dim: int | None = None,
+    interpolate_positions: bool = False,
 ) -> dict[str, Any]:
     """Extract, index and write ``out`` atomically; returns the metadata written to ``meta.json``. ``dim=k`` indexes
     Matryoshka features (the first k coordinates, re-normalised); queries are truncated the same way."""
@@ -113,7 +114,14 @@ def build_index(
     if Path(out).exists() and not overwrite:
         raise ConfigError(f"{out} already exists (pass --overwrite to replace it)")
     device = resolve_device(device)
-    model, ckpt_meta = F.load_eval_model(architecture, resume, device, precision)
+    model, ckpt_meta = F.load_eval_model(
+        architecture,
+        resume,
+        device,
+        precision,
+        context_length=context_length,
+        interpolate_positions=interpolate_positions,
+    )
     image_data = Path(image_data)
     resolution = model.cfg.vision.image_resolution
     dataset, paths, kind = _source_dataset(image_data, resolution, id_type)
@@ -133,6 +141,7 @@ def build_index(
         "precision": precision,
         "resolution": resolution,
         "context_length": context_length,
+        "interpolate_positions": interpolate_positions,
         "logit_scale": float(model.logit_scale.detach().float().exp()),
         "count": index.ntotal,
         "dim": index.d,

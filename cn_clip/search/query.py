@@ -115,7 +115,14 @@ def query(
     index = SearchIndex(index_dir)
     device = resolve_device(device)
     checkpoint = resume or index.meta["checkpoint"]
-    model, _ = F.load_eval_model(index.meta["architecture"], checkpoint, device, "fp32")
+    model, _ = F.load_eval_model(
+        index.meta["architecture"],
+        checkpoint,
+        device,
+        "fp32",
+        context_length=index.meta.get("context_length"),
+        interpolate_positions=index.meta.get("interpolate_positions", False),
+    )
     vector = encode_query(model, index.meta, text, image, device)
     if vector.shape[1] != index.index.d:
         raise ConfigError(f"the model gives {vector.shape[1]}-d features but the index holds {index.index.d}-d")

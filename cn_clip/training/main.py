@@ -118,11 +118,14 @@ def _resume_path(args: argparse.Namespace, checkpoint_dir: Path | None) -> Path 
 
 
 def _load_weights(model: Any, path: Path) -> dict:
+    from cn_clip.models.positions import fit_checkpoint_positions
     from cn_clip.weights import load_state_dict_strict, read_checkpoint, state_dict_of
 
     _logger.info("=> begin to load checkpoint '%s'", path)
     ckpt = read_checkpoint(path)
-    load_state_dict_strict(model, state_dict_of(ckpt, str(path)), str(path))
+    state = state_dict_of(ckpt, str(path))
+    fit_checkpoint_positions(model, state)
+    load_state_dict_strict(model, state, str(path))
     return ckpt
 
 
@@ -223,6 +226,7 @@ def _tensorboard(args: argparse.Namespace, env: DistEnv, run_dir: Path | None) -
 def train(args: argparse.Namespace) -> dict:
     """Build everything from parsed ``args`` and train; returns a summary (last loss, validation metrics)."""
     from cn_clip.data.loader import get_data
+    from cn_clip.models.positions import check_context_length
     from cn_clip.runtime import cleanup, init_distributed, local_primary_first
     from cn_clip.training.checkpoint import Position
     from cn_clip.training.loop import Trainer, resolve_max_steps
@@ -240,6 +244,7 @@ def train(args: argparse.Namespace) -> dict:
         with local_primary_first(env):  # a released name is downloaded once per node
             resume = _resume_path(args, checkpoint_dir)
         ckpt = _load_weights(model, resume) if resume else None
+        check_context_length(model, args.context_length, args.interpolate_positions)  # after the weights it stretches
         model.to(env.device)
         data = get_data(data_config(args), env.world_size, env.rank, model.cfg.vision.image_resolution)
         args.max_steps, args.max_epochs = resolve_max_steps(

@@ -70,7 +70,7 @@ def _optim_args(parser: argparse.ArgumentParser) -> None:
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
-    add_context_length_arg(parser)
+    add_context_length_arg(parser, interpolate=True)
     add_precision_arg(parser)
     add_resume_arg(parser)
     group = parser.add_argument_group("model training")
