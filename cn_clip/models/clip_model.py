@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from cn_clip.models.config import CLIPCfg
+from cn_clip.models.positions import check_text_length
 from cn_clip.models.resnet import ModifiedResNet
 from cn_clip.models.text import create_bert, trim_padding
 from cn_clip.models.vit import VisionTransformer
@@ -96,6 +97,7 @@ class CLIP(nn.Module):
         """Unnormalised text features [B, embed_dim] from the [CLS] hidden state; padding (id 0) is masked.
         ``dim=k``: the first k coordinates, re-normalised (Matryoshka)."""
         text = trim_padding(text, PAD_ID)
+        check_text_length(self, text.shape[1])
         mask = (text != PAD_ID).to(torch.long)
         hidden = self.bert(input_ids=text, attention_mask=mask).last_hidden_state  # [B, L, H]
         return _matryoshka(hidden[:, 0].to(self.dtype) @ self.text_projection.to(self.dtype), dim)

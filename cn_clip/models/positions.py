@@ -41,6 +41,17 @@ def position_limit(model: nn.Module) -> int:
     return table.num_embeddings - _offset(table)
 
 
+def check_text_length(model: nn.Module, length: int) -> None:
+    """A batch whose texts (padding trimmed) are longer than the tower's positions: a ValueError saying so, instead
+    of an index error deep inside the embedding lookup."""
+    limit = position_limit(model)
+    if length > limit:
+        raise ValueError(
+            f"token sequences of length {length} exceed the text tower's position limit {limit}; tokenize with "
+            f"context_length <= {limit} or stretch the positions (--interpolate-positions)"
+        )
+
+
 def check_context_length(model: nn.Module, context_length: int, interpolate: bool = False) -> int:
     """``context_length`` if the tower has positions for it; beyond the limit, a ConfigError naming it or, with
     ``interpolate``, the table stretched to ``context_length`` (the model is changed in place)."""

@@ -133,3 +133,11 @@ def test_onnx_export_long_context(tmp_path: Path, tiny_model) -> None:
         np.testing.assert_allclose(
             O.run_session(session, text.numpy()), tiny_model.encode_text(text).detach().numpy(), atol=1e-5
         )
+
+
+def test_encode_text_names_the_limit(tiny_model) -> None:
+    from cn_clip.tokenizer import tokenize
+
+    assert tiny_model.encode_text(tokenize("短", context_length=600)).shape == (1, 64)  # padding is trimmed first
+    with pytest.raises(ValueError, match="length 600 exceed the text tower's position limit 512"):
+        tiny_model.encode_text(tokenize("长" * 700, context_length=600))
