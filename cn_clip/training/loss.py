@@ -140,6 +140,8 @@ class MatryoshkaLoss:
         self.dims = tuple(sorted(dims, reverse=True))
 
     def __getattr__(self, name: str):  # gather helpers etc. (the distillation term gathers through the loss)
+        if name == "base":  # not set yet (copy/unpickle): no recursion
+            raise AttributeError(name)
         return getattr(self.base, name)
 
     def __call__(
