@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: venv refvenv test test-slow test-all lint format demo bench clean-venv
+.PHONY: venv refvenv test test-slow test-all lint format demo demo-bilingual bench clean-venv
 
 venv: $(STAMP)
 
@@ -94,6 +94,44 @@ $(DEMO)/zeroshot/result.txt: $(DEMO_CKPT)
 $(DEMO)/index/meta.json: $(DEMO_CKPT)
 	$(PY) -m cn_clip.search index --image-data $(DEMO_DATA)/lmdb/valid/imgs --resume $(DEMO_CKPT) --out $(DEMO)/index \
 	  --num-workers 1 --overwrite
+
+# ---- make demo-bilingual: the same pipeline on Chinese + English captions (data_docs/demo.md). ----
+# One tiny model trained on both languages; zh→image and en→image recall, zero-shot with Chinese and English prompts.
+DEMO_BI ?= demo_bilingual_out
+DEMO_BI_DATA := $(DEMO_BI)/datasets/demo_bilingual
+DEMO_BI_CLS := $(DEMO_BI)/datasets/demo_cls
+DEMO_BI_CKPT := $(DEMO_BI)/experiments/$(DEMO_NAME)/checkpoints/epoch_latest.pt
+
+demo-bilingual: venv $(DEMO_BI)/eval/zh/summary.json $(DEMO_BI)/eval/en/summary.json \
+  $(DEMO_BI)/zeroshot/zh/result.txt $(DEMO_BI)/zeroshot/en/result.txt
+	$(PY) -m cn_clip.demo --bilingual $(DEMO_BI)
+
+$(DEMO_BI_DATA)/train_texts.jsonl: | venv
+	$(PY) -m cn_clip.preprocess.make_demo_dataset --out $(DEMO_BI) --bilingual
+
+$(DEMO_BI_DATA)/lmdb/train/pairs/data.mdb: $(DEMO_BI_DATA)/train_texts.jsonl
+	$(PY) -m cn_clip.preprocess.build_lmdb_dataset --data_dir $(DEMO_BI_DATA) --splits train,valid,test,valid_en,test_en \
+	  --overwrite
+
+$(DEMO_BI_CKPT): $(DEMO_BI_DATA)/lmdb/train/pairs/data.mdb
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NAME=$(DEMO_NAME) GPUS_PER_NODE=1 RESUME= \
+	VISION_MODEL=ViT-Tiny TEXT_MODEL=BERT-Tiny-chinese BATCH_SIZE=32 VALID_BATCH_SIZE=44 MAX_EPOCHS=10 LR=1e-3 WARMUP=10 WD=0.001 \
+	LOG_INTERVAL=2 VALID_STEP_INTERVAL=0 USE_AUGMENT=0 \
+	bash run_scripts/muge_finetune.sh $(DEMO_BI) --train-data $(DEMO_BI_DATA)/lmdb/train --val-data $(DEMO_BI_DATA)/lmdb/valid \
+	  --precision fp32 --num-workers 1 --valid-num-workers 1
+
+# zh: the valid split (Chinese captions); en: valid_en (the same images, English captions)
+$(DEMO_BI)/eval/%/summary.json: $(DEMO_BI_CKPT)
+	$(PY) -m cn_clip.eval.run --data $(DEMO_BI_DATA) --split $(if $(filter en,$*),valid_en,valid) --resume $(DEMO_BI_CKPT) \
+	  $(DEMO_MODEL) --output-dir $(DEMO_BI)/eval/$* --num-workers 1
+
+$(DEMO_BI)/zeroshot/%/result.txt: $(DEMO_BI_CKPT)
+	mkdir -p $(DEMO_BI)/zeroshot/$*
+	$(PY) -m cn_clip.eval.zeroshot_evaluation --datapath $(DEMO_BI_CLS)/test --dataset demo_cls --save-dir $(DEMO_BI)/zeroshot/$* \
+	  $(if $(filter en,$*),--label-file $(DEMO_BI_CLS)/label.txt --templates $(DEMO_BI_CLS)/templates_en.txt,--label-file $(DEMO_BI_CLS)/label_cn.txt) \
+	  --resume $(DEMO_BI_CKPT) $(DEMO_MODEL) --num-workers 1 > $(DEMO_BI)/zeroshot/$*/result.txt.tmp
+	cat $(DEMO_BI)/zeroshot/$*/result.txt.tmp
+	mv $(DEMO_BI)/zeroshot/$*/result.txt.tmp $(DEMO_BI)/zeroshot/$*/result.txt
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,6 +1,7 @@
 """The summary printed at the end of ``make demo``: retrieval recall, zero-shot accuracy and where the files are.
 
-Usage: ``python -m cn_clip.demo DEMO_DIR`` after the Makefile's demo steps have run.
+Usage: ``python -m cn_clip.demo DEMO_DIR`` after the Makefile's demo steps have run; ``python -m cn_clip.demo
+--bilingual DIR`` after ``make demo-bilingual`` (zh→image and en→image recall, zero-shot with each language's prompts).
 """
 
 from __future__ import annotations
@@ -67,11 +68,44 @@ def summary_lines(demo_dir: Path) -> list[str]:
     return lines
 
 
+LANGUAGES = (("zh", "Chinese"), ("en", "English"))
+
+
+def bilingual_lines(demo_dir: Path) -> list[str]:
+    """The ``make demo-bilingual`` table: per language, text→image recall and zero-shot accuracy."""
+    rows = []
+    for code, name in LANGUAGES:
+        eval_summary = demo_dir / "eval" / code / "summary.json"
+        zeroshot_txt = demo_dir / "zeroshot" / code / "result.txt"
+        for path in (eval_summary, zeroshot_txt):
+            if not path.is_file():
+                raise CnClipError(f"{path} is missing; run `make demo-bilingual` to produce it")
+        summary = json.loads(eval_summary.read_text(encoding="utf-8"))
+        rows.append((code, name, summary, read_zeroshot(zeroshot_txt)))
+    first = rows[0][2]
+    lines = [
+        "",
+        f"cn_clip bilingual demo — {first['architecture']}, one model trained on Chinese + English captions, "
+        f"checkpoint epoch {first['epoch']} @ {first['step']} steps",
+        f"text→image on the valid images ({first['num_images']}), captions in each language; zero-shot on demo_cls",
+        f"{'language':<10}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean':>8}{'zs top-1':>10}{'zs top-5':>10}",
+    ]
+    for code, name, summary, zeroshot in rows:
+        recall = summary["results"]["text_to_image"]["recall"]
+        lines.append(
+            f"{code + '→image':<10}{recall['r1']:>8.2f}{recall['r5']:>8.2f}{recall['r10']:>8.2f}"
+            f"{recall['mean_recall']:>8.2f}{zeroshot['top1']:>10.2f}{zeroshot.get('top5', float('nan')):>10.2f}"
+            f"   ({name} captions / prompts)"
+        )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("demo_dir", type=Path, help="the demo output directory (DEMO in the Makefile)")
+    parser.add_argument("--bilingual", action="store_true", help="the make demo-bilingual summary (DEMO_BI)")
     args = parser.parse_args(argv)
-    print("\n".join(summary_lines(args.demo_dir)))
+    print("\n".join(bilingual_lines(args.demo_dir) if args.bilingual else summary_lines(args.demo_dir)))
     return 0
 
 

@@ -39,7 +39,7 @@ _logger = logging.getLogger(__name__)
 
 VOCAB_PATH = Path(__file__).with_name("vocab.txt")
 DEFAULT_CONTEXT_LENGTH = 52
-MAX_CONTEXT_LENGTH = 512  # position embeddings of every released text tower
+MAX_CONTEXT_LENGTH = 512  # position embeddings of every released text tower (models/positions.py checks a model's)
 MAX_INPUT_CHARS_PER_WORD = 200  # longer words become one [UNK]
 
 PAD_TOKEN, UNK_TOKEN, CLS_TOKEN, SEP_TOKEN, MASK_TOKEN = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -577,11 +577,10 @@ def normalize_text(text: str) -> str:
 def _check_context_length(context_length: Any) -> int:
     if isinstance(context_length, bool) or not isinstance(context_length, int):
         raise ValueError(f"context_length must be an integer, got {context_length!r}")
-    if not 2 <= context_length <= MAX_CONTEXT_LENGTH:
-        raise ValueError(
-            f"context_length must be between 2 ([CLS] + [SEP]) and {MAX_CONTEXT_LENGTH} "
-            f"(the text towers' position embeddings), got {context_length}"
-        )
+    if context_length < 2:
+        raise ValueError(f"context_length must be at least 2 ([CLS] + [SEP]), got {context_length}")
+    # No upper bound here, as in the reference: the text tower's position limit (512 for the released towers) is
+    # checked against the model (models/positions.py), which may have interpolated positions beyond it.
     return context_length
 
 
@@ -599,12 +598,14 @@ def _as_text_list(texts: Any) -> list[str | bytes]:
 
 
 def tokenize(
-    texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, warn_truncation: bool = False
+    texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, warn_truncation: bool | None = None
 ) -> torch.LongTensor:
     """Token ids as a ``LongTensor[N, context_length]``, identical to the reference ``cn_clip.clip.tokenize``.
 
     Each row is ``[CLS]`` + the first ``context_length - 2`` word-piece ids + ``[SEP]``, right-padded with 0.
-    Longer texts are cut silently, as in the reference; ``warn_truncation=True`` logs a warning naming them.
+    Longer texts are cut, as in the reference (same ids); the first call that cuts logs a warning naming them
+    (``warn_truncation=None``, once per process), ``True`` warns on every such call, ``False`` never
+    (compatibility.md#fix-truncation-warning).
     Text is not normalised (see :func:`normalize_text`).
     """
     return _tokenize_with(_wordpiece(), texts, context_length, warn_truncation)
@@ -627,22 +628,29 @@ def _tokenize_with(
         ids = ids[:keep]
         row[1 : len(ids) + 1] = ids
         row[len(ids) + 1] = sep
-    if warn_truncation:
-        _log_truncation(all_ids, keep, context_length)
+    if warn_truncation is not False:
+        _log_truncation(all_ids, keep, context_length, once=warn_truncation is None)
     return torch.from_numpy(rows)
 
 
-def _log_truncation(all_ids: list[list[int]], keep: int, context_length: int) -> None:
+_truncation_warned = False  # the once-per-process default of tokenize(warn_truncation=None)
+
+
+def _log_truncation(all_ids: list[list[int]], keep: int, context_length: int, once: bool) -> None:
+    global _truncation_warned
     indices = [i for i, ids in enumerate(all_ids) if len(ids) > keep]
-    if not indices:
+    if not indices or (once and _truncation_warned):
         return
+    if once:
+        _truncation_warned = True
     shown = ", ".join(f"#{i} ({len(all_ids[i]) + 2} tokens)" for i in indices[:5])
     more = f" and {len(indices) - 5} more" if len(indices) > 5 else ""
     _logger.warning(
-        "%d of %d texts are longer than context_length=%d and were truncated: %s%s",
+        "%d of %d texts are longer than context_length=%d and were truncated: %s%s%s",
         len(indices),
         len(all_ids),
         context_length,
         shown,
         more,
+        " (warned once; later truncations are silent, pass warn_truncation=True to see each)" if once else "",
     )

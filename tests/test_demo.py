@@ -59,3 +59,21 @@ def test_missing_step_output_is_named(tmp_path: Path) -> None:
     bad.write_text("Traceback\n", encoding="utf-8")
     with pytest.raises(CnClipError, match="no 'zeroshot-top1:' line"):
         read_zeroshot(bad)
+
+
+def test_bilingual_summary_table(tmp_path: Path, capsys) -> None:
+    for code, r1, top1 in (("zh", 12.5, "0.25"), ("en", 6.25, "0.125")):
+        single = tmp_path / "single" / code
+        _write_outputs(single)
+        (tmp_path / "eval" / code).mkdir(parents=True)
+        (tmp_path / "zeroshot" / code).mkdir(parents=True)
+        summary = json.loads((single / "eval" / "summary.json").read_text(encoding="utf-8"))
+        summary["results"]["text_to_image"] = _recall(r1)
+        (tmp_path / "eval" / code / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+        (tmp_path / "zeroshot" / code / "result.txt").write_text(f"zeroshot-top1: {top1}\nzeroshot-top5: 0.5\n")
+    assert main(["--bilingual", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "zh→image     12.50   50.00   75.00   40.00     25.00     50.00   (Chinese captions / prompts)" in out
+    assert "en→image      6.25   50.00   75.00   40.00     12.50     50.00   (English captions / prompts)" in out
+    with pytest.raises(CnClipError, match="make demo-bilingual"):
+        main(["--bilingual", str(tmp_path / "single")])

@@ -221,9 +221,13 @@ def test_truncation_keeps_sep() -> None:
     assert row[0] == 101 and row[-1] == 102 and len(row) == 10
     assert tk.tokenize("猫", context_length=2).tolist() == [[101, 102]]
     assert tk.tokenize("猫" * 600, context_length=512).shape == (1, 512)
+    # beyond 512 as in the reference (no cap): the model checks its own position limit (models/positions.py)
+    long = tk.tokenize("猫" * 600, context_length=700)[0]
+    assert long[:511].tolist() == tk.tokenize("猫" * 600, context_length=512)[0, :511].tolist()
+    assert int((long != 0).sum()) == 602
 
 
-@pytest.mark.parametrize("bad", [0, 1, 513, 52.0, True, "52", None])
+@pytest.mark.parametrize("bad", [0, 1, -5, 52.0, True, "52", None])
 def test_context_length_is_validated(bad: object) -> None:
     with pytest.raises(ValueError, match="context_length"):
         tk.tokenize("猫", context_length=bad)  # type: ignore[arg-type]
@@ -242,14 +246,22 @@ def test_input_kinds() -> None:
         tk.tokenize(5)  # type: ignore[arg-type]
 
 
-def test_truncation_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_truncation_warning(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tk, "_truncation_warned", False)
+    texts = ["短", "长" * 60]
     with caplog.at_level(logging.WARNING, logger="cn_clip.tokenizer"):
-        tk.tokenize(["短", "长" * 60], context_length=52)
+        tk.tokenize(texts, context_length=52, warn_truncation=False)
+        tk.tokenize(texts, context_length=100)  # nothing cut: no warning, the once is not used up
         assert not caplog.records
-        tk.tokenize(["短", "长" * 60], context_length=52, warn_truncation=True)
-    assert len(caplog.records) == 1
-    message = caplog.records[0].getMessage()
-    assert "1 of 2 texts" in message and "#1 (62 tokens)" in message
+        first = tk.tokenize(texts, context_length=52)  # default: warns once per process
+        again = tk.tokenize(texts, context_length=52)
+        assert len(caplog.records) == 1 and "warned once" in caplog.records[0].getMessage()
+        tk.tokenize(texts, context_length=52, warn_truncation=True)
+    silent = tk.tokenize(texts, context_length=52, warn_truncation=False)
+    assert torch.equal(first, again) and torch.equal(first, silent)
+    assert len(caplog.records) == 2
+    message = caplog.records[1].getMessage()
+    assert "1 of 2 texts" in message and "#1 (62 tokens)" in message and "warned once" not in message
 
 
 def test_normalize_text() -> None:

@@ -42,8 +42,30 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_context_length_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--context-length", type=int, default=52, help="max tokens incl. [CLS]/[SEP] (≤ 512)")
+def add_context_length_arg(parser: argparse.ArgumentParser, interpolate: bool = False) -> None:
+    """``--context-length``; with ``interpolate`` also ``--interpolate-positions`` (commands that build a model)."""
+    parser.add_argument(
+        "--context-length",
+        type=int,
+        default=52,
+        help="max tokens incl. [CLS]/[SEP], up to the text tower's position limit (512 for the released towers)",
+    )
+    if interpolate:
+        parser.add_argument(
+            "--interpolate-positions",
+            action="store_true",
+            default=False,
+            help="allow --context-length beyond the position limit by resampling the position embeddings",
+        )
+
+
+def add_matryoshka_dim_arg(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument(
+        "--dim",
+        type=int,
+        default=None,
+        help="Matryoshka: keep the first k feature coordinates, re-normalised (default: all; see --matryoshka-dims)",
+    )
 
 
 def add_precision_arg(parser: argparse.ArgumentParser, choices: tuple[str, ...] = PRECISIONS):

@@ -26,7 +26,15 @@ from cn_clip.extras import MissingExtraError, missing_message
 
 _logger = logging.getLogger(__name__)
 CAPTIONS = Path(__file__).with_name("demo") / "captions.json"
-DATASET, CLS_DATASET = "demo", "demo_cls"
+DATASET, CLS_DATASET, BILINGUAL_DATASET = "demo", "demo_cls", "demo_bilingual"
+# English zero-shot prompts of the bilingual demo (the Chinese ones are the reference's bundled set)
+ENGLISH_TEMPLATES = (
+    "a photo of the {c}.",
+    "a picture of the {c}.",
+    "an image of the {c}.",
+    "a close-up photo of the {c}.",
+    "a black and white photo of the {c}.",
+)
 
 
 @dataclass(frozen=True)
@@ -35,11 +43,15 @@ class DemoClass:
     label: str
     label_cn: str
     captions: tuple[str, ...]
+    captions_en: tuple[str, ...] = ()  # English counterparts, same order (the bilingual demo)
 
 
 def load_classes() -> list[DemoClass]:
     spec = json.loads(CAPTIONS.read_text(encoding="utf-8"))
-    return [DemoClass(c["file"], c["label"], c["label_cn"], tuple(c["captions"])) for c in spec["classes"]]
+    return [
+        DemoClass(c["file"], c["label"], c["label_cn"], tuple(c["captions"]), tuple(c.get("captions_en", ())))
+        for c in spec["classes"]
+    ]
 
 
 def skimage_data_dir() -> Path:
@@ -92,8 +104,20 @@ def _split_of(view: int, views: int) -> str:
     return "valid" if view >= views - 4 else "train"
 
 
-def make_demo(out: str | Path, views: int = 16, max_side: int = 128, seed: int = 0) -> dict[str, int]:
-    """Write the demo datasets under ``out/datasets``; returns counts."""
+def _text_record(text_id: int, text: str, image_id: int) -> str:
+    return json.dumps({"text_id": text_id, "text": text, "image_ids": [image_id]}, ensure_ascii=False) + "\n"
+
+
+def make_demo(
+    out: str | Path, views: int = 16, max_side: int = 128, seed: int = 0, bilingual: bool = False
+) -> dict[str, int]:
+    """Write the demo datasets under ``out/datasets``; returns counts.
+
+    ``bilingual``: ``demo_bilingual`` instead of ``demo``: the same images; train images carry their Chinese and their
+    English captions; ``valid``/``test`` hold the Chinese captions and ``valid_en``/``test_en`` (same images) the
+    English ones, so one evaluation per language scores zh→image and en→image. ``demo_cls`` gains
+    ``templates_en.txt`` (English prompts for ``label.txt``). Without it, the output is the Chinese-only demo,
+    unchanged."""
     from cn_clip.data.formats import b64encode_image
     from cn_clip.fileio import atomic_dir
 
@@ -106,6 +130,10 @@ def make_demo(out: str | Path, views: int = 16, max_side: int = 128, seed: int =
         raise DataError(f"scikit-image in {data_dir} lacks {', '.join(missing)} (upgrade scikit-image)")
     rows: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
     texts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
+    texts_en: dict[str, list[str]] = {"valid": [], "test": []}
+    missing_en = [c.file for c in classes if bilingual and len(c.captions_en) != len(c.captions)]
+    if missing_en:
+        raise DataError(f"{CAPTIONS}: {', '.join(missing_en)} lack English captions (captions_en)")
     root = Path(out) / "datasets"
     image_id = text_id = 0
     with atomic_dir(root / CLS_DATASET, overwrite=True) as cls_dir:
@@ -124,15 +152,23 @@ def make_demo(out: str | Path, views: int = 16, max_side: int = 128, seed: int =
                 n_captions = 2 if split == "train" else 1
                 for k in range(n_captions):
                     text_id += 1
-                    caption = cls.captions[(view * n_captions + k) % len(cls.captions)]
-                    record = {"text_id": text_id, "text": caption, "image_ids": [image_id]}
-                    texts[split].append(json.dumps(record, ensure_ascii=False) + "\n")
+                    which = (view * n_captions + k) % len(cls.captions)
+                    texts[split].append(_text_record(text_id, cls.captions[which], image_id))
+                    if bilingual:  # the English caption of the same picture
+                        text_id += 1
+                        record = _text_record(text_id, cls.captions_en[which], image_id)
+                        (texts if split == "train" else texts_en)[split].append(record)
         (cls_dir / "label_cn.txt").write_text("".join(c.label_cn + "\n" for c in classes), encoding="utf-8")
         (cls_dir / "label.txt").write_text("".join(c.label + "\n" for c in classes), encoding="utf-8")
-    with atomic_dir(root / DATASET, overwrite=True) as raw_dir:
+        if bilingual:
+            (cls_dir / "templates_en.txt").write_text("".join(t + "\n" for t in ENGLISH_TEMPLATES), encoding="utf-8")
+    with atomic_dir(root / (BILINGUAL_DATASET if bilingual else DATASET), overwrite=True) as raw_dir:
         for split in rows:
             (raw_dir / f"{split}_imgs.tsv").write_text("".join(rows[split]), encoding="utf-8")
             (raw_dir / f"{split}_texts.jsonl").write_text("".join(texts[split]), encoding="utf-8")
+        for split in texts_en if bilingual else ():
+            (raw_dir / f"{split}_en_imgs.tsv").write_text("".join(rows[split]), encoding="utf-8")
+            (raw_dir / f"{split}_en_texts.jsonl").write_text("".join(texts_en[split]), encoding="utf-8")
     counts = {f"{split}_images": len(rows[split]) for split in rows} | {"texts": text_id, "classes": len(classes)}
     _logger.info("demo dataset: %s", counts)
     return counts

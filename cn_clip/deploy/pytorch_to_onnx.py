@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--download-root", default=None, help="where released weights are downloaded (default ./cache/clip)"
     )
     parser.add_argument("--save-onnx-path", required=True, help="output prefix: {prefix}.{txt,img}.{fp32,fp16}.onnx")
-    add_context_length_arg(parser)
+    add_context_length_arg(parser, interpolate=True)
     parser.add_argument("--int8", action="store_true", help="also write {prefix}.*.int8.onnx (dynamic quantisation)")
     parser.add_argument("--no-fp16", action="store_true", help="skip the fp16 variants")
     parser.add_argument(
@@ -68,6 +68,9 @@ def convert(argv: Sequence[str] | None = None) -> int:
     from cn_clip.deploy.onnx_export import export_encoder
 
     model = load_model(args.model_arch, args.pytorch_ckpt_path, args.download_root)
+    from cn_clip.models.positions import check_context_length
+
+    check_context_length(model, args.context_length, args.interpolate_positions)
     precisions = ["fp32"] + ([] if args.no_fp16 else ["fp16"]) + (["int8"] if args.int8 else [])
     external = True if args.external_data == "always" else None
     written: dict[str, dict[str, Path]] = {}

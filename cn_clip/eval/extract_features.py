@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from functools import partial
 
 from cn_clip.cli.args import (
     add_context_length_arg,
     add_debug_arg,
     add_device_arg,
     add_image_reader_args,
+    add_matryoshka_dim_arg,
     add_model_args,
     add_precision_arg,
     add_resume_arg,
@@ -26,6 +28,7 @@ from cn_clip.data.sources import add_source_args
 from cn_clip.errors import ConfigError
 from cn_clip.eval import features as F
 from cn_clip.eval.features import default_output_paths
+from cn_clip.models.matryoshka import check_dim
 from cn_clip.runtime import shutdown
 from cn_clip.tokenizer import get_tokenizer
 
@@ -58,7 +61,7 @@ def add_feature_io_args(parser: argparse.ArgumentParser, default_batch_size: int
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Extract L2-normalised image and/or text features (JSONL or .npy).")
     add_feature_io_args(parser, default_batch_size=64)
-    add_context_length_arg(parser)
+    add_context_length_arg(parser, interpolate=True)
     add_resume_arg(parser)
     add_precision_arg(parser)
     add_model_args(parser)
@@ -70,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--npy-dtype", choices=("float32", "float16"), default="float32", help="matrix dtype for npy")
     add_device_arg(extra)
     add_image_reader_args(extra)
+    add_matryoshka_dim_arg(extra)
     return parser
 
 
@@ -106,14 +110,24 @@ def run(args: argparse.Namespace) -> int:
             print("Preparing text inference dataset.")
     device = str(env.device)
     architecture = f"{args.vision_model}@{args.text_model}"
-    model, _ = F.load_eval_model(architecture, args.resume, device, args.precision, print if primary else None)
+    model, _ = F.load_eval_model(
+        architecture,
+        args.resume,
+        device,
+        args.precision,
+        print if primary else None,
+        args.context_length,
+        args.interpolate_positions,
+    )
+    if args.dim is not None:
+        check_dim(args.dim, model.cfg.embed_dim)
     opts = extract_options(args, tokenizer=get_tokenizer(model.cfg))
     jobs = []
     if args.extract_text_feats:
-        encoder = F.TorchEncoder(model.encode_text, device, args.precision)
+        encoder = F.TorchEncoder(partial(model.encode_text, dim=args.dim), device, args.precision)
         jobs.append(F.FeatureJob("text", encoder, args.text_data, args.text_feat_output_path))
     if args.extract_image_feats:
-        encoder = F.TorchEncoder(model.encode_image, device, args.precision)
+        encoder = F.TorchEncoder(partial(model.encode_image, dim=args.dim), device, args.precision)
         resolution = model.cfg.vision.image_resolution
         jobs.append(F.FeatureJob("image", encoder, args.image_data, args.image_feat_output_path, resolution))
     F.extract_files(jobs, opts, env, print if primary else None)

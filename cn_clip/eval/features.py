@@ -327,11 +327,15 @@ def load_eval_model(
     device: str = "cpu",
     precision: str = "fp32",
     announce: Callable[[str], None] | None = None,
+    context_length: int | None = None,
+    interpolate_positions: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """Build ``vision@text`` (None: inferred from the checkpoint's shapes), strictly load ``resume`` (reference
     checkpoint layout, read once) and set the precision. Returns ``(model, metadata)``; metadata holds
-    ``epoch``/``step`` and ``architecture``. The reference's ``Begin to load …`` / ``=> loaded checkpoint …`` lines go
-    to ``announce`` (a CLI passes ``print``), else to the log.
+    ``epoch``/``step`` and ``architecture``. ``context_length`` is checked against the text tower's position limit
+    (stretched beyond it with ``interpolate_positions``, see :mod:`cn_clip.models.positions`). The reference's
+    ``Begin to load …`` / ``=> loaded checkpoint …`` lines go to ``announce`` (a CLI passes ``print``), else to the
+    log.
     """
     from cn_clip.models.factory import build_from_checkpoint, convert_weights, infer_architecture
     from cn_clip.weights import read_checkpoint, state_dict_of
@@ -350,6 +354,10 @@ def load_eval_model(
     model, meta = build_from_checkpoint(architecture, raw, source=str(resume))
     del raw
     meta["architecture"] = architecture
+    if context_length is not None:
+        from cn_clip.models.positions import check_context_length
+
+        check_context_length(model, context_length, interpolate_positions)
     model.to(device)
     if dtype is not None:
         convert_weights(model, dtype)

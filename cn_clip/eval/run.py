@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_resume_arg(parser)
     add_model_args(parser)
     add_precision_arg(parser)
-    add_context_length_arg(parser)
+    add_context_length_arg(parser, interpolate=True)
     parser.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
     parser.add_argument("--text-batch-size", type=int, default=64, help="text batch size")
     parser.add_argument("--top-k", type=int, default=10, help="predictions per query (the scoring needs 10)")
@@ -176,7 +176,9 @@ def evaluate_split(args: argparse.Namespace) -> dict[str, Any] | None:
     device = str(env.device)
     architecture = f"{args.vision_model}@{args.text_model}"
     announce = print if env.is_primary else None
-    model, meta = F.load_eval_model(architecture, args.resume, device, args.precision, announce)
+    model, meta = F.load_eval_model(
+        architecture, args.resume, device, args.precision, announce, args.context_length, args.interpolate_positions
+    )
     opts = extract_options(args, tokenizer=get_tokenizer(model.cfg))
     resolution = model.cfg.vision.image_resolution
     text_encoder = F.TorchEncoder(model.encode_text, device, args.precision)

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--index", type=str, default="", help="ELEVATER index.json reordering the predictions")
     parser.add_argument("--save-dir", type=str, default="", help="directory for {dataset}.json")
     parser.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
-    add_context_length_arg(parser)
+    add_context_length_arg(parser, interpolate=True)
     add_resume_arg(parser)
     add_num_workers_arg(parser)
     extra = parser.add_argument_group("cn_clip additions")
@@ -83,7 +83,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     print("Preparing zeroshot dataset.")
     architecture = f"{args.vision_model}@{args.text_model}"
-    model, _ = F.load_eval_model(architecture, args.resume, device, args.precision, print)
+    model, _ = F.load_eval_model(
+        architecture, args.resume, device, args.precision, print, args.context_length, args.interpolate_positions
+    )
     folder = Z.open_image_folder(args.datapath, model.cfg.vision.image_resolution, len(classnames))
     print("Building zero-shot classifier")
     text_encoder = F.TorchEncoder(model.encode_text, device, args.precision)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from cn_clip.models.config import CLIPCfg
+from cn_clip.models.positions import check_text_length
 from cn_clip.models.resnet import ModifiedResNet
 from cn_clip.models.text import HFTextTower, create_bert, trim_padding
 from cn_clip.models.vit import VisionTransformer
@@ -20,6 +21,14 @@ PAD_ID = 0
 LOGIT_BIAS_KEY = "logit_bias"
 SIGLIP_LOGIT_SCALE_INIT = math.log(10)
 SIGLIP_LOGIT_BIAS_INIT = -10.0
+
+
+def _matryoshka(features: torch.Tensor, dim: int | None) -> torch.Tensor:
+    if dim is None:
+        return features
+    from cn_clip.models.matryoshka import check_dim, truncate
+
+    return truncate(features, check_dim(dim, features.shape[-1]))
 
 
 class CLIP(nn.Module):
@@ -131,19 +140,27 @@ class CLIP(nn.Module):
             self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
 
     def encode_image(
-        self, image: torch.Tensor, mask_ratio: float = 0.0, generator: torch.Generator | None = None
+        self,
+        image: torch.Tensor,
+        mask_ratio: float = 0.0,
+        generator: torch.Generator | None = None,
+        *,
+        dim: int | None = None,
     ) -> torch.Tensor:
-        """Unnormalised image features [B, embed_dim]; ``mask_ratio`` > 0 applies FLIP (ViT only)."""
-        return self.visual(image.to(self.dtype), mask_ratio, generator)
+        """Unnormalised image features [B, embed_dim]; ``mask_ratio`` > 0 applies FLIP (ViT only). ``dim=k``: the
+        first k coordinates, re-normalised (Matryoshka, see :mod:`cn_clip.models.matryoshka`)."""
+        return _matryoshka(self.visual(image.to(self.dtype), mask_ratio, generator), dim)
 
-    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        """Unnormalised text features [B, embed_dim] from the [CLS] hidden state; padding (id 0) is masked."""
+    def encode_text(self, text: torch.Tensor, *, dim: int | None = None) -> torch.Tensor:
+        """Unnormalised text features [B, embed_dim] from the [CLS] hidden state; padding (id 0) is masked.
+        ``dim=k``: the first k coordinates, re-normalised (Matryoshka)."""
         if self.cfg.text.kind == "hf":
-            return self.text(text).to(self.dtype)
+            return _matryoshka(self.text(text).to(self.dtype), dim)
         text = trim_padding(text, PAD_ID)
+        check_text_length(self, text.shape[1])
         mask = (text != PAD_ID).to(torch.long)
         hidden = self.bert(input_ids=text, attention_mask=mask).last_hidden_state  # [B, L, H]
-        return hidden[:, 0].to(self.dtype) @ self.text_projection.to(self.dtype)
+        return _matryoshka(hidden[:, 0].to(self.dtype) @ self.text_projection.to(self.dtype), dim)
 
     def forward(
         self,

@@ -16,6 +16,7 @@ from cn_clip.errors import CheckpointError, ConfigError
 from cn_clip.models.clip_model import CLIP, LOGIT_BIAS_KEY
 from cn_clip.models.config import CLIPCfg
 from cn_clip.models.layers import PackedSelfAttention
+from cn_clip.models.positions import POSITION_KEY, fit_checkpoint_positions
 from cn_clip.models.pretrained import PRETRAINED, available_models
 from cn_clip.models.registry import get_model_config, list_towers
 from cn_clip.runtime import resolve_device, weight_dtype
@@ -99,9 +100,12 @@ def _raw_checkpoint(checkpoint: str | Path | Mapping[str, Any], source: str | No
 
 
 def _state_with_bias(model: CLIP, raw: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's state dict. A SigLIP checkpoint's extra ``logit_bias`` key becomes the model's bias; without
-    it the model has none."""
+    """The checkpoint's state dict, fitted to ``model`` before the strict load: a checkpoint trained with
+    ``--interpolate-positions`` grows the model's position table; a SigLIP checkpoint's extra ``logit_bias`` key
+    becomes the model's bias (without it the model has none)."""
     state = clean_state_dict(state_dict_of(raw, source))
+    if model.cfg.text.kind == "bert":
+        fit_checkpoint_positions(model, state)
     bias = raw.get(LOGIT_BIAS_KEY) if "state_dict" in raw else None
     if bias is None:  # a flat dict (e.g. ``model.state_dict()`` of a SigLIP model) holds it among the tensors
         bias = state.get(LOGIT_BIAS_KEY)
@@ -167,11 +171,18 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> str:
         )
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     vision_keys = {k: s for k, s in shapes.items() if k.startswith("visual.") or k == "text_projection"}
-    text_keys = {k: s for k, s in shapes.items() if k.startswith("bert.")}
+    text_keys = _any_position_rows({k: s for k, s in shapes.items() if k.startswith("bert.")})
     bert_towers = _bert_towers()
     vision = _match_tower("vision", vision_keys, lambda v: f"{v}@{bert_towers[0]}", "visual.")
     text = _match_tower("text", text_keys, lambda t: f"{list_towers('vision')[0]}@{t}", "bert.", bert_towers)
     return f"{vision}@{text}"
+
+
+def _any_position_rows(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """A tower matches whatever its position-table rows (a checkpoint trained with --interpolate-positions)."""
+    if POSITION_KEY in shapes:
+        shapes[POSITION_KEY] = (None, *shapes[POSITION_KEY][1:])
+    return shapes
 
 
 def _bert_towers() -> list[str]:
@@ -188,7 +199,7 @@ def _match_tower(
     for tower in towers if towers is not None else list_towers(kind):
         with torch.device("meta"):
             model = CLIP(get_model_config(arch(tower)))
-        have = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)}
+        have = _any_position_rows({k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)})
         if have == wanted:
             return tower
     raise CheckpointError(

@@ -21,12 +21,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--views", type=int, default=16, help="augmented views per source image")
     parser.add_argument("--max-side", type=int, default=128, help="longest image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bilingual",
+        action="store_true",
+        help="write datasets/demo_bilingual: Chinese and English captions (valid_en/test_en splits for English)",
+    )
     args = parser.parse_args(argv)
-    from cn_clip.data.demo import make_demo
+    from cn_clip.data.demo import BILINGUAL_DATASET, DATASET, make_demo
 
-    counts = make_demo(args.out, views=args.views, max_side=args.max_side, seed=args.seed)
+    counts = make_demo(args.out, views=args.views, max_side=args.max_side, seed=args.seed, bilingual=args.bilingual)
+    name = BILINGUAL_DATASET if args.bilingual else DATASET
     print(
-        f"Demo dataset in {args.out}/datasets/demo ({counts['train_images']} train, {counts['valid_images']} valid, "
+        f"Demo dataset in {args.out}/datasets/{name} ({counts['train_images']} train, {counts['valid_images']} valid, "
         f"{counts['test_images']} test images; {counts['texts']} captions) and {args.out}/datasets/demo_cls "
         f"({counts['classes']} classes)"
     )

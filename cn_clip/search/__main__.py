@@ -21,6 +21,7 @@ from cn_clip.cli.args import (
     add_context_length_arg,
     add_device_arg,
     add_image_reader_args,
+    add_matryoshka_dim_arg,
     add_model_args,
     add_precision_arg,
     add_resume_arg,
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.set_defaults(vision_model=None, text_model=None)  # None: inferred from the checkpoint's shapes
     add_precision_arg(index)
     index.set_defaults(precision="fp32")
-    add_context_length_arg(index)
+    add_context_length_arg(index, interpolate=True)
     index.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
     add_device_arg(index)
     add_image_reader_args(index)
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--index-type", choices=INDEX_TYPES, default="flat", help="exact flat, approximate ivf|hnsw|ivfpq, or auto"
     )
     index.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
+    add_matryoshka_dim_arg(index)
 
     search = commands.add_parser("query", help="search an index with a text or an image")
     search.add_argument("--index", required=True, help="index directory (from 'index')")
@@ -106,6 +108,9 @@ def run_index(args: argparse.Namespace) -> int:
         index_type=args.index_type,
         reading=_reading(args),
         overwrite=args.overwrite,
+        progress=not args.no_progress,
+        dim=args.dim,
+        interpolate_positions=args.interpolate_positions,
     )
     print(f"Indexed {meta['count']} images ({meta['dim']}-d, {meta['architecture']}) into {args.out}")
     print(_index_line(meta))

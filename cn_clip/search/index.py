@@ -10,11 +10,13 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from cn_clip.errors import ConfigError, DataError
 from cn_clip.eval import features as F
+from cn_clip.models.matryoshka import check_dim
 from cn_clip.runtime import resolve_device
 from cn_clip.search import ann
 
@@ -95,12 +97,18 @@ class ImageReading:
 
 
 def encode_images(
-    image_data: Path, model: Any, device: str, precision: str = "fp32", reading: ImageReading | None = None
+    image_data: Path,
+    model: Any,
+    device: str,
+    precision: str = "fp32",
+    reading: ImageReading | None = None,
+    dim: int | None = None,
 ) -> tuple[F.Extracted, list[str], dict[str, str]]:
-    """Features of every image of an LMDB or folder: ``(extracted, keys, source)``, rows in source order."""
+    """Features of every image of an LMDB or folder: ``(extracted, keys, source)``, rows in source order; ``dim``:
+    Matryoshka width (None: full)."""
     reading = reading or ImageReading()
     dataset, keys, source = _source_dataset(image_data, model.cfg.vision.image_resolution, reading.id_type)
-    encoder = F.TorchEncoder(model.encode_image, device, precision)
+    encoder = F.TorchEncoder(partial(model.encode_image, dim=dim), device, precision)
     batches = F.sequential_batches(len(dataset), reading.batch_size)
     extracted = F.extract_dataset(
         encoder, dataset, batches, num_workers=reading.num_workers, desc="images", progress=reading.progress
@@ -120,18 +128,30 @@ def build_index(
     index_type: str = "flat",
     reading: ImageReading | None = None,
     overwrite: bool = False,
+    dim: int | None = None,
+    interpolate_positions: bool = False,
 ) -> dict[str, Any]:
     """Extract, index (``index_type``: see :mod:`cn_clip.search.ann`) and write ``out`` atomically; returns the
-    metadata written to ``meta.json``."""
+    metadata written to ``meta.json``. ``dim=k`` indexes Matryoshka features (the first k coordinates,
+    re-normalised); queries are truncated the same way."""
     from cn_clip.search import store
 
     if Path(out).exists() and not overwrite:
         raise ConfigError(f"{out} already exists (pass --overwrite to replace it)")
     ann.resolve_kind(index_type, 0)  # an unknown type fails before the model loads
     device = resolve_device(device)
-    model, ckpt_meta = F.load_eval_model(architecture, resume, device, precision)
+    model, ckpt_meta = F.load_eval_model(
+        architecture,
+        resume,
+        device,
+        precision,
+        context_length=context_length,
+        interpolate_positions=interpolate_positions,
+    )
     image_data = Path(image_data)
-    extracted, keys, source = encode_images(image_data, model, device, precision, reading)
+    if dim is not None:
+        check_dim(dim, model.cfg.embed_dim)
+    extracted, keys, source = encode_images(image_data, model, device, precision, reading, dim)
     meta = {
         "architecture": ckpt_meta["architecture"],
         "checkpoint": str(Path(resume).resolve()),
@@ -140,8 +160,10 @@ def build_index(
         "precision": precision,
         "resolution": model.cfg.vision.image_resolution,
         "context_length": context_length,
+        "interpolate_positions": interpolate_positions,
         "logit_scale": float(model.logit_scale.detach().float().exp()),
         "sources": [source],
+        "matryoshka_dim": dim,
         "metric": "inner product of L2-normalised features = cosine similarity",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

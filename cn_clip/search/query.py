@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +90,16 @@ def encode_query(model: Any, meta: dict[str, Any], text: str | None, image: str 
 
         tokenizer = get_tokenizer(model.cfg)
         tokens = tokenizer([tokenizer.normalize(text)], meta.get("context_length", 52))
-        return F.l2_normalize(F.TorchEncoder(model.encode_text, device)(tokens))
+        encode_text = partial(model.encode_text, dim=meta.get("matryoshka_dim"))  # None: full width
+        return F.l2_normalize(F.TorchEncoder(encode_text, device)(tokens))
     from cn_clip.transforms import image_transform
 
     path = Path(image)
     if not path.is_file():
         raise DataError(f"--image {path} does not exist")
     tensor = load_image(path, image_transform(meta["resolution"]))[None]
-    return F.l2_normalize(F.TorchEncoder(model.encode_image, device)(tensor))
+    encode_image = partial(model.encode_image, dim=meta.get("matryoshka_dim"))
+    return F.l2_normalize(F.TorchEncoder(encode_image, device)(tensor))
 
 
 def query(
@@ -120,7 +123,14 @@ def query(
     index = SearchIndex(index_dir)
     device = resolve_device(device)
     checkpoint = resume or index.meta["checkpoint"]
-    model, _ = F.load_eval_model(index.meta["architecture"], checkpoint, device, "fp32")
+    model, _ = F.load_eval_model(
+        index.meta["architecture"],
+        checkpoint,
+        device,
+        "fp32",
+        context_length=index.meta.get("context_length"),
+        interpolate_positions=index.meta.get("interpolate_positions", False),
+    )
     vector = encode_query(model, index.meta, text, image, device)
     if vector.shape[1] != index.index.d:
         raise ConfigError(f"the model gives {vector.shape[1]}-d features but the index holds {index.index.d}-d")

@@ -19,6 +19,7 @@ class LossCfg:
     local_loss: bool = False  # only this rank's rows against all columns
     mask_duplicates: bool = True  # pairs sharing an image or text id are not negatives
     kd_loss_weight: float = 0.5  # weight of the distillation loss (used with a teacher)
+    matryoshka_dims: tuple[int, ...] = ()  # nested-dimension losses (--matryoshka-dims); () = the plain loss
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from cn_clip.runtime import DistEnv, all_gather_list, all_reduce_sum
 from cn_clip.training import checkpoint as ckpt_io
 from cn_clip.training.config import TrainCfg
 from cn_clip.training.engine import Engine
-from cn_clip.training.loss import ClipLoss, SigLipLoss, kd_loss
+from cn_clip.training.loss import ClipLoss, MatryoshkaLoss, SigLipLoss, kd_loss
 from cn_clip.training.schedule import lr_at
 
 if TYPE_CHECKING:
@@ -77,6 +77,8 @@ class Trainer:
             local_loss=cfg.loss.local_loss,
             mask_duplicates=cfg.loss.mask_duplicates,
         )
+        if cfg.loss.matryoshka_dims:
+            self.loss_fn = MatryoshkaLoss(self.loss_fn, cfg.loss.matryoshka_dims)
         self.accum = cfg.accum_freq
         self.num_batches = data["train"].num_batches
         self.steps_per_epoch = self.num_batches // self.accum

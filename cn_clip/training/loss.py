@@ -1,5 +1,5 @@
-"""Contrastive losses over features gathered from all ranks: InfoNCE (the reference's) and SigLIP's pairwise
-sigmoid loss; and the distillation loss (compatibility.md#loss, #distillation).
+"""Contrastive losses over features gathered from all ranks: InfoNCE (the reference's), SigLIP's pairwise sigmoid
+loss, their nested-dimension (Matryoshka) form, and the distillation loss (compatibility.md#loss, #distillation).
 
 Collectives are injected (``gather``), so a test can fake several ranks inside one process.
 
@@ -178,6 +178,41 @@ class SigLipLoss(ClipLoss):
         rank = self.rank if self.aggregate else 0
         labels = torch.arange(text.shape[0], device=text.device) + rank * text.shape[0]
         return ((text.detach() @ all_image.t()).argmax(-1) == labels).float().mean()
+
+
+class MatryoshkaLoss:
+    """Nested-dimension contrastive loss (``--matryoshka-dims``): the mean of ``base`` over the leading ``k``
+    coordinates of both features, re-normalised, for each ``k`` in ``dims``. Same call interface as ``base``
+    (:class:`ClipLoss` or :class:`SigLipLoss`); with one ``k`` equal to the full width it equals ``base``.
+    Accuracies are those of the largest ``k``."""
+
+    def __init__(self, base: ClipLoss, dims: tuple[int, ...]) -> None:
+        self.base = base
+        self.dims = tuple(sorted(dims, reverse=True))
+
+    def __getattr__(self, name: str):  # gather helpers etc. (the distillation term gathers through the loss)
+        if name == "base":  # not set yet (copy/unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __call__(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        scale: torch.Tensor,
+        image_keys: torch.Tensor | None = None,
+        text_keys: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from cn_clip.models.matryoshka import truncate
+
+        total, first_acc = None, {}
+        for dim in self.dims:
+            img, txt = (image, text) if dim == image.shape[-1] else (truncate(image, dim), truncate(text, dim))
+            loss, acc = self.base(img, txt, scale, image_keys, text_keys, bias=bias)
+            total = loss if total is None else total + loss
+            first_acc = first_acc or acc
+        return total / len(self.dims), first_acc
 
 
 def kd_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:

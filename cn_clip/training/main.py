@@ -60,6 +60,10 @@ def _check_args(args: argparse.Namespace, model: Any) -> None:
         raise ConfigError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     if args.accum_freq < 1 or args.batch_size < 1 or args.valid_batch_size < 1:
         raise ConfigError("--accum-freq, --batch-size and --valid-batch-size must be ≥ 1")
+    if args.matryoshka_dims:
+        from cn_clip.models.matryoshka import check_dims
+
+        check_dims(args.matryoshka_dims, model.cfg.embed_dim)
     if args.distillation and not args.teacher_model_name:
         raise ConfigError("--distillation needs --teacher-model-name")
     if args.valid_at_start and not args.val_data:
@@ -140,7 +144,7 @@ def _load_weights(model: Any, path: Path) -> dict:
 
     _logger.info("=> begin to load checkpoint '%s'", path)
     ckpt = read_checkpoint(path)
-    load_checkpoint_into(model, ckpt, str(path))
+    load_checkpoint_into(model, ckpt, str(path))  # grows an interpolated position table first
     return ckpt
 
 
@@ -270,6 +274,7 @@ def _tensorboard(args: argparse.Namespace, env: DistEnv, run_dir: Path | None) -
 def train(args: argparse.Namespace) -> dict:
     """Build everything from parsed ``args`` and train; returns a summary (last loss, validation metrics)."""
     from cn_clip.data.loader import get_data
+    from cn_clip.models.positions import check_context_length
     from cn_clip.runtime import cleanup, init_distributed, local_primary_first
     from cn_clip.tokenizer import get_tokenizer
     from cn_clip.training.checkpoint import Position
@@ -288,6 +293,7 @@ def train(args: argparse.Namespace) -> dict:
         with local_primary_first(env):  # a released name is downloaded once per node
             resume = _resume_path(args, checkpoint_dir)
         ckpt = _load_weights(model, resume) if resume else None
+        check_context_length(model, args.context_length, args.interpolate_positions)  # after the weights it stretches
         _prepare_logit_bias(args, model)
         _attach_lora(args, model, ckpt)
         model.to(env.device)

@@ -86,7 +86,7 @@ def _optim_args(parser: argparse.ArgumentParser) -> None:
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
-    add_context_length_arg(parser)
+    add_context_length_arg(parser, interpolate=True)
     add_precision_arg(parser)
     add_resume_arg(parser)
     group = parser.add_argument_group("model training")
@@ -256,6 +256,7 @@ def train_config(args: argparse.Namespace) -> TrainCfg:
         local_loss=args.local_loss,
         mask_duplicates=args.mask_duplicates,
         kd_loss_weight=args.kd_loss_weight,
+        matryoshka_dims=args.matryoshka_dims,
     )
     same = (
         "name", "max_steps", "max_epochs", "lr", "warmup", "skip_scheduler", "accum_freq", "seed", "mask_ratio",

@@ -141,3 +141,39 @@ def test_demo_dataset_is_real_deterministic_and_builds(tmp_path):
     build_lmdb(demo_a, ["train", "valid", "test"])
     assert lmdb_items(demo_a / "lmdb" / "train" / "imgs")[b"num_images"] == b"22"
     assert lmdb_items(demo_a / "lmdb" / "test" / "pairs")[b"num_samples"] == b"44"
+
+
+def test_bilingual_demo_keeps_the_chinese_demo_and_adds_english(tmp_path):
+    import json
+
+    from cn_clip.data.demo import ENGLISH_TEMPLATES, load_classes
+
+    classes = load_classes()
+    assert all(len(c.captions_en) == len(c.captions) == 4 for c in classes)
+    assert all(caption.isascii() for c in classes for caption in c.captions_en)
+    argv = ["--views", "5", "--max-side", "32"]
+    assert make_demo_dataset.main(["--out", str(tmp_path / "zh"), *argv]) == 0
+    assert make_demo_dataset.main(["--out", str(tmp_path / "bi"), "--bilingual", *argv]) == 0
+    assert not (tmp_path / "zh" / "datasets" / "demo_bilingual").exists()
+    assert not (tmp_path / "zh" / "datasets" / "demo_cls" / "templates_en.txt").exists()
+    zh, bi = tmp_path / "zh" / "datasets" / "demo", tmp_path / "bi" / "datasets" / "demo_bilingual"
+
+    def texts(path):
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+    for split in ("train", "valid", "test"):
+        assert (zh / f"{split}_imgs.tsv").read_bytes() == (bi / f"{split}_imgs.tsv").read_bytes()
+    for split in ("valid", "test"):
+        assert (bi / f"{split}_en_imgs.tsv").read_bytes() == (bi / f"{split}_imgs.tsv").read_bytes()
+        chinese, english = texts(bi / f"{split}_texts.jsonl"), texts(bi / f"{split}_en_texts.jsonl")
+        assert [r["text"] for r in chinese] == [r["text"] for r in texts(zh / f"{split}_texts.jsonl")]
+        assert [r["image_ids"] for r in english] == [r["image_ids"] for r in chinese]
+        assert all(r["text"].isascii() for r in english)
+    train = texts(bi / "train_texts.jsonl")
+    assert len(train) == 2 * len(texts(zh / "train_texts.jsonl"))  # each Chinese caption and its English one
+    assert [r["text"] for r in train[0::2]] == [r["text"] for r in texts(zh / "train_texts.jsonl")]
+    assert len({r["text_id"] for r in train}) == len(train)
+    templates = (tmp_path / "bi" / "datasets" / "demo_cls" / "templates_en.txt").read_text(encoding="utf-8")
+    assert templates.splitlines() == list(ENGLISH_TEMPLATES)
+    build_lmdb(bi, ["train", "valid", "valid_en"])
+    assert lmdb_items(bi / "lmdb" / "valid_en" / "pairs")[b"num_samples"] == b"44"
