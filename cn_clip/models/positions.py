@@ -57,6 +57,10 @@ def check_context_length(model: nn.Module, context_length: int, interpolate: boo
     ``interpolate``, the table stretched to ``context_length`` (the model is changed in place)."""
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
         raise ConfigError(f"--context-length must be an integer ≥ 2 ([CLS] + [SEP]), got {context_length!r}")
+    if model.cfg.text.kind != "bert":  # a Hugging Face tower checks its own limit when it encodes
+        if interpolate:
+            raise ConfigError("--interpolate-positions supports the BERT text towers only")
+        return context_length
     limit = position_limit(model)
     if context_length <= limit:
         return context_length

@@ -108,7 +108,6 @@ def run_index(args: argparse.Namespace) -> int:
         index_type=args.index_type,
         reading=_reading(args),
         overwrite=args.overwrite,
-        progress=not args.no_progress,
         dim=args.dim,
         interpolate_positions=args.interpolate_positions,
     )

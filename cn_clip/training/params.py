@@ -126,6 +126,15 @@ def _adaptation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layer-decay", type=float, default=None, help="layer-wise LR decay G (projections at 1)")
 
 
+def _matryoshka_dims(text: str) -> tuple[int, ...]:
+    from cn_clip.models.matryoshka import parse_dims
+
+    try:
+        return parse_dims(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _loss_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loss")
     group.add_argument(
@@ -139,6 +148,12 @@ def _loss_args(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="pairs sharing an image or text id are not negatives (--no-mask-duplicates: the reference)",
+    )
+    group.add_argument(
+        "--matryoshka-dims",
+        type=_matryoshka_dims,
+        default=(),
+        help="nested-dimension losses over these leading feature widths, e.g. 512,256,128,64",
     )
     group.add_argument("--distillation", action="store_true", default=False, help="feature distillation")
     group.add_argument(

@@ -42,6 +42,8 @@ def image_groups(model: nn.Module) -> list[list[str]]:
 
 def text_groups(model: nn.Module) -> list[list[str]]:
     """BERT's parameter names (``bert.…``): the embeddings, then each encoder layer."""
+    if model.cfg.text.kind != "bert":
+        raise ConfigError("layer groups (--lock-text-unlocked-layers, --layer-decay) need a BERT text tower")
     bert = model.bert
     layers = [_names(layer, f"bert.encoder.layer.{i}") for i, layer in enumerate(bert.encoder.layer)]
     return [_names(bert.embeddings, "bert.embeddings"), *layers]
@@ -49,12 +51,13 @@ def text_groups(model: nn.Module) -> list[list[str]]:
 
 def lock_towers(model: nn.Module, text_unlocked_layers: int | None, image_unlocked_groups: int | None) -> None:
     """Freeze each tower except its last N groups (``None`` leaves the tower alone)."""
-    for flag, unlocked, groups in (
-        ("--lock-text-unlocked-layers", text_unlocked_layers, text_groups(model)),
-        ("--lock-image-unlocked-groups", image_unlocked_groups, image_groups(model)),
+    for flag, unlocked, tower_groups in (
+        ("--lock-text-unlocked-layers", text_unlocked_layers, text_groups),
+        ("--lock-image-unlocked-groups", image_unlocked_groups, image_groups),
     ):
         if unlocked is None:
             continue
+        groups = tower_groups(model)
         if not 0 <= unlocked <= len(groups):
             raise ConfigError(f"{flag} {unlocked}: this tower has {len(groups)} groups, use 0…{len(groups)}")
         for names in groups[: len(groups) - unlocked]:

@@ -26,7 +26,7 @@ LORA_FLAGS = ["--lora-r", str(RANK), "--lora-alpha", "4", "--lora-targets", "att
 
 
 def _fixture_state(arch: str) -> dict[str, torch.Tensor]:
-    from fixture_weights import KEYS_DIR, fixture_state_dict, read_key_shapes
+    from tests.fixtures.fixture_weights import KEYS_DIR, fixture_state_dict, read_key_shapes
 
     return fixture_state_dict(read_key_shapes(KEYS_DIR / f"{arch}.tsv"))
 
@@ -139,8 +139,8 @@ def test_apply_refuses_an_adapter_for_another_architecture(lora_run: tuple, tmp_
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merged_checkpoint_loads_in_the_reference(arch: str, tmp_path: Path) -> None:
     """Golden: the reference package loaded the same merged state strictly (tests/fixtures/gen_lora_fixtures.py)."""
-    from fixture_weights import fixture_images
-    from gen_lora_fixtures import RESOLUTION, lora_merged_state
+    from tests.fixtures.fixture_weights import fixture_images
+    from tests.fixtures.gen_lora_fixtures import RESOLUTION, lora_merged_state
 
     golden = np.load(FIXTURES / "lora" / f"{arch}.npz")
     torch.save({"epoch": 1, "step": 1, "name": "lora", "state_dict": lora_merged_state(arch)}, tmp_path / "m.pt")
