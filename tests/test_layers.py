@@ -10,8 +10,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "cn_clip"
 
 # Modules that are both a library and a command (``main`` beside what other modules call): ``calibrate`` (fit and
-# apply), ``transform_ir_annotation_to_tr`` (the reference's CLI path, whose inversion topk's scorer uses).
-LIBRARY_COMMANDS = {"cn_clip.eval.calibrate", "cn_clip.eval.transform_ir_annotation_to_tr"}
+# apply), ``transform_ir_annotation_to_tr`` (the reference's CLI path, whose inversion topk's scorer uses),
+# ``training.lora`` (adapters the trainer attaches; ``merge|apply`` on the command line).
+LIBRARY_COMMANDS = {"cn_clip.eval.calibrate", "cn_clip.eval.transform_ir_annotation_to_tr", "cn_clip.training.lora"}
 
 # Layers, lowest first; a module may import its own layer and the ones below, never one above.
 LAYERS = [
