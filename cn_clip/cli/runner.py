@@ -23,6 +23,8 @@ def setup_logging(level: int = logging.INFO, log_file: str | None = None, prefix
     for handler in handlers:
         handler.setFormatter(fmt)
     logging.basicConfig(level=level, handlers=handlers, force=True)
+    # faiss logs each CPU-specific library it fails to find at INFO ("Could not load ... AVX512"): noise, not news.
+    logging.getLogger("faiss.loader").setLevel(max(level, logging.WARNING))
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
