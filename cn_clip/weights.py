@@ -12,7 +12,7 @@ import logging
 import math
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +190,19 @@ def resize_pos_embed(
     state[key] = torch.cat([stored[:1], grid], dim=0)
 
 
-def _listed(keys: list[str]) -> str:
+def key_differences(
+    first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """``(only in first, only in second, in both with different shapes)``; each in its own mapping's key order (the
+    shape list in ``first``'s)."""
+    only_first = [k for k in first if k not in second]
+    only_second = [k for k in second if k not in first]
+    reshaped = [k for k, v in first.items() if k in second and second[k].shape != v.shape]
+    return only_first, only_second, reshaped
+
+
+def listed_keys(keys: Sequence[str]) -> str:
+    """At most eight keys, then how many more: the key lists of every state-dict error message."""
     shown = ", ".join(keys[:_MAX_LISTED])
     return shown + (f" … (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
 
@@ -210,20 +222,15 @@ def load_state_dict_strict(
     if is_plain_open_clip(state):  # open_clip's plain CLIP: its text transformer becomes a CLIPTextModel tower
         state = from_plain_open_clip(state, any(k.startswith("text.transformer.text_model.") for k in expected))
     resize_pos_embed(state, model)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} {list(state[k].shape)} vs model {list(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    missing, unexpected, reshaped = key_differences(expected, state)
+    mismatched = [f"{k} {list(state[k].shape)} vs model {list(expected[k].shape)}" for k in reshaped]
     problems = []
     if missing:
-        problems.append(f"missing keys: {_listed(missing)}")
+        problems.append(f"missing keys: {listed_keys(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_listed(unexpected)}")
+        problems.append(f"unexpected keys: {listed_keys(unexpected)}")
     if mismatched:
-        problems.append(f"shape mismatches: {_listed(mismatched)}")
+        problems.append(f"shape mismatches: {listed_keys(mismatched)}")
     if problems:
         name = getattr(getattr(model, "cfg", None), "name", type(model).__name__)
         raise CheckpointError(f"{source} does not fit {name}: " + "; ".join(problems))

@@ -198,7 +198,7 @@ def benchmark(argv: Sequence[str] | None = None) -> int:
     from cn_clip.runtime import resolve_device
 
     args = build_parser().parse_args(argv)
-    args.device = args.device or resolve_device().partition(":")[0]  # "cuda" when available, as in the reference
+    args.device = args.device or resolve_device(per_rank=False)  # "cuda" when available, as in the reference
     _check(args)
     print("Params:")
     for name in sorted(vars(args)):

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from cn_clip.tokenizer import get_tokenizer
 
     _check_args(args)
-    args.device = args.device or resolve_device().partition(":")[0]  # the provider: "cuda" when available
+    args.device = args.device or resolve_device(per_rank=False)  # the provider: "cuda" when available
     print_params(args)
     image_default, text_default = F.default_output_paths(args.text_data)
     architecture = f"{args.vision_model}@{args.text_model}"

@@ -30,9 +30,9 @@ import torch
 from cn_clip.cli.args import add_context_length_arg, add_device_arg, add_num_workers_arg
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.errors import CheckpointError, ConfigError
+from cn_clip.weights import key_differences, listed_keys
 
 _logger = logging.getLogger(__name__)
-_MAX_LISTED = 8
 
 
 # ---------------------------------------------------------------------------------------------- interpolation
@@ -49,30 +49,21 @@ def read_endpoint(spec: str, download_root: str | None = None) -> dict[str, torc
     return clean_state_dict(state_dict_of(read_checkpoint(path), str(path)))
 
 
-def _listed(keys: Sequence[str]) -> str:
-    return ", ".join(keys[:_MAX_LISTED]) + (f" … (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
-
-
 def check_same_architecture(
     zeroshot: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], names: tuple[str, str] = ("A", "B")
 ) -> None:
     """Same keys with the same shapes, or a :class:`CheckpointError` that names the keys that differ."""
-    only_a = [k for k in zeroshot if k not in finetuned]
-    only_b = [k for k in finetuned if k not in zeroshot]
-    shapes = [
-        f"{k} {list(zeroshot[k].shape)} vs {list(v.shape)}"
-        for k, v in finetuned.items()
-        if k in zeroshot and zeroshot[k].shape != v.shape
-    ]
+    only_b, only_a, reshaped = key_differences(finetuned, zeroshot)
+    shapes = [f"{k} {list(zeroshot[k].shape)} vs {list(finetuned[k].shape)}" for k in reshaped]
     if not (only_a or only_b or shapes):
         return
     parts = []
     if only_a:
-        parts.append(f"only in {names[0]}: {_listed(only_a)}")
+        parts.append(f"only in {names[0]}: {listed_keys(only_a)}")
     if only_b:
-        parts.append(f"only in {names[1]}: {_listed(only_b)}")
+        parts.append(f"only in {names[1]}: {listed_keys(only_b)}")
     if shapes:
-        parts.append(f"shapes differ: {_listed(shapes)}")
+        parts.append(f"shapes differ: {listed_keys(shapes)}")
     detail = "; ".join(parts)
     raise CheckpointError(f"{names[0]} and {names[1]} are different architectures, cannot interpolate ({detail})")
 
