@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cn_clip.data import formats
-from cn_clip.errors import DataError
+from cn_clip.errors import ConfigError, DataError
 
 _logger = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def validate_splits(
 ) -> list[SplitPlan]:
     """Pass 1 for every split; bad rows do not raise, they are in each plan's ``problems``."""
     data_dir = Path(data_dir)
-    workers = workers or _default_workers()
+    workers = _resolve_workers(workers)
     _raise_missing_files(data_dir, splits)
     with _pool(workers) as pool:
         return [_plan_split(data_dir, split, check_images, pool, workers) for split in splits]
@@ -376,6 +376,15 @@ def _raise_missing_files(data_dir: Path, splits: Sequence[str]) -> None:
     missing = [problem for split in splits for problem in _missing_files(data_dir, split)]
     if missing:
         raise DataError(f"{len(missing)} input file(s) missing; nothing was written:\n{format_problems(missing)}")
+
+
+def _resolve_workers(workers: int | None) -> int:
+    """``--workers`` of both builders (LMDB and WebDataset): None is the default, fewer than 1 an error."""
+    if workers is None:
+        return _default_workers()
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    return workers
 
 
 def _default_workers() -> int:
@@ -388,10 +397,7 @@ def _default_workers() -> int:
 
 
 @contextlib.contextmanager
-def _pool(workers: int) -> Iterator[Executor | None]:
-    if workers < 1:
-        yield None
-        return
+def _pool(workers: int) -> Iterator[Executor]:
     import multiprocessing
 
     # fork starts in milliseconds; the builder holds no LMDB handle while the pool starts.
@@ -696,7 +702,7 @@ def build_lmdb(
         raise DataError(f"The data_dir does not exist! Please check the input args... ({data_dir})")
     lmdb_dir = Path(lmdb_dir) if lmdb_dir else data_dir / "lmdb"
     report_path = Path(report) if report else None
-    workers = workers or _default_workers()
+    workers = _resolve_workers(workers)
     _check_targets(lmdb_dir, splits, overwrite)
     _raise_missing_files(data_dir, splits)
     start = time.perf_counter()

@@ -13,7 +13,6 @@ import re
 from collections.abc import Sequence
 
 from cn_clip.cli.runner import run_cli, setup_logging
-from cn_clip.errors import ConfigError
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -65,8 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cn_clip.data.lmdb_build import build_lmdb, parse_splits
 
-    if args.workers is not None and args.workers < 1:
-        raise ConfigError("--workers must be at least 1")
     splits = parse_splits(args.splits)
     print("Dataset splits to be processed: {}".format(", ".join(splits)))
     results = build_lmdb(
