@@ -44,10 +44,13 @@ test-slow: venv
 # The reference (cn-clip 1.6.0) in its own venv: its module is also named cn_clip, so it never shares .venv.
 refvenv: $(REF_VENV)/.installed
 
-$(REF_VENV)/.installed:
+# torch and torchvision (a CUDA build, about 5.5 GB with its NVIDIA libraries) are not installed a second time: the
+# reference sees .venv's copy through a symlink overlay (tests/fixtures/torch_overlay.py), and pip fetches the rest.
+$(REF_VENV)/.installed: | $(STAMP)
 	test -x $(REF_PY) || $(PYTHON) -m venv $(REF_VENV)
-	$(REF_PY) -m pip install $(TORCH_PINS)
-	$(REF_PY) -m pip install cn-clip==1.6.0 jieba
+	$(PY) tests/fixtures/torch_overlay.py $(REF_VENV)
+	$(REF_PY) -m pip install --no-cache-dir cn-clip==1.6.0 jieba
+	$(REF_PY) -c 'import cn_clip, importlib.metadata as m; assert m.version("cn_clip") == "1.6.0", cn_clip.__file__'
 	touch $@
 
 test-all: test test-slow

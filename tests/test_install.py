@@ -2,15 +2,13 @@
 checkpoint with ``load_from_name`` and train the tiny model; a missing extra is one line naming its install.
 
 torch and torchvision (a CUDA build here, gigabytes with its NVIDIA libraries) are not downloaded again: the fresh
-venv sees only them and their own dependencies, symlinked from this environment into an overlay directory on its
-``sys.path``. Every other package comes from ``pip install .``, so a core dependency missing from requirements.txt
-fails this test.
+venv sees only them and their own dependencies, through ``tests/fixtures/torch_overlay.py``. Every other package
+comes from ``pip install .``, so a core dependency missing from requirements.txt fails this test.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.metadata as md
 import os
 import re
 import shutil
@@ -18,8 +16,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+
+from tests.fixtures.torch_overlay import install_overlay
 
 pytestmark = pytest.mark.slow
 
@@ -58,40 +56,6 @@ def _floor() -> str:
     raise AssertionError("setup.py has no python_requires")
 
 
-def _closure(roots: dict[str, set[str]]) -> list[md.Distribution]:
-    """Installed distributions that ``roots`` (name -> requested extras) need, on this platform, transitively."""
-    seen: dict[str, md.Distribution] = {}
-    todo = list(roots.items())
-    while todo:
-        name, extras = todo.pop()
-        key = canonicalize_name(name)
-        try:
-            dist = md.distribution(name)
-        except md.PackageNotFoundError:
-            continue  # a marker-only dependency of another platform
-        if key in seen and not extras:
-            continue
-        seen[key] = dist
-        for line in dist.requires or []:
-            req = Requirement(line)
-            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in (extras or {""})):
-                todo.append((req.name, set(req.extras)))
-    return list(seen.values())
-
-
-def _torch_overlay(root: Path) -> Path:
-    """A directory of symlinks to torch, torchvision and their dependencies' top-level files in this environment."""
-    overlay = root / "torch-overlay"
-    overlay.mkdir()
-    for dist in _closure({"torch": set(), "torchvision": set()}):
-        base = Path(dist.locate_file(""))
-        for top in {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
-            link = overlay / top
-            if not link.exists() and (base / top).exists():
-                link.symlink_to(base / top)
-    return overlay
-
-
 def _source_copy(root: Path) -> Path:
     """What setup.py packages, copied out of the work tree so the build leaves nothing in it."""
     src = root / "src"
@@ -119,8 +83,7 @@ def test_clean_install_on_the_floor_python(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     _run([interpreter, "-m", "venv", str(venv)], env, work)
     py = str(venv / "bin" / "python")
-    site = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], env, work).stdout.strip())
-    (site / "torch_overlay.pth").write_text(str(_torch_overlay(tmp_path)) + "\n", encoding="utf-8")
+    install_overlay(venv)
     _run([py, "-m", "pip", "install", "-q", str(_source_copy(tmp_path))], env, work)
 
     out = _run([py, "-c", SMOKE, str(tmp_path / "tiny.pt"), ",".join(EXTRA_MODULES)], env, work).stdout

@@ -54,33 +54,115 @@ class ListImages:
             raise DataError(f"image_id {self.ids[index]}: {exc}") from None
 
 
+def shard_urls(spec: str) -> list[str]:
+    """The shard URLs of a WebDataset spec that can be read by offset (``::``-joined sources, brace patterns, lists)."""
+    from cn_clip.data.wds_dataset import expand_source
+
+    if spec.startswith("pipe:"):
+        raise ConfigError(f"{spec}: a pipe: stream cannot be read by offset; extract from local shards or URLs")
+    return [url for source in spec.split("::") if source for url in expand_source(source)]
+
+
+def scan_shard(url: str) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[formats.Id, formats.Id, Any]]]:
+    """One pass over a shard's tar headers: each key's image ``(offset, size)`` and ``(image_id, text_id, caption)``
+    from its ``.json`` (ids default to the key, as in training; caption None when absent) or ``.txt``; image bytes
+    are skipped, not read."""
+    import json
+    import tarfile
+
+    from cn_clip.data.wds_dataset import IMAGE_EXTS, open_stream
+
+    images: dict[str, tuple[int, int]] = {}
+    captions: dict[str, tuple[formats.Id, formats.Id, str]] = {}
+    with open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            ext = ext.lower()
+            if ext in IMAGE_EXTS:
+                images[key] = (member.offset_data, member.size)
+            elif ext in ("json", "txt"):
+                raw = tar.extractfile(member).read()
+                try:
+                    if ext == "txt":
+                        captions[key] = (key, key, raw.decode("utf-8").strip())
+                        continue
+                    meta = json.loads(raw)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    raise DataError(f"{url}: sample {key}: unreadable .{ext} ({type(exc).__name__}: {exc})") from None
+                if not isinstance(meta, dict):
+                    raise DataError(f"{url}: sample {key}: .json is not an object")
+                text = meta.get("text")  # checked by caption_records: extracting images needs no caption
+                captions[key] = (meta.get("image_id", key), meta.get("text_id", key), text)
+    return images, captions
+
+
+def caption_records(
+    path: str | os.PathLike, dataset_type: str = "auto", **list_keys: Any
+) -> list[tuple[formats.Id, formats.Id, str]]:
+    """Every ``(image_id, text_id, caption)`` pair of a file list or of WebDataset shards, in data order: what
+    evaluation ranks when there is no ``{split}_texts.jsonl``."""
+    from cn_clip.data.loader import resolve_dataset_type
+
+    path = str(path)
+    kind = resolve_dataset_type(path, dataset_type)
+    if kind in ("csv", "jsonl"):
+        from cn_clip.data.filelist import read_records
+
+        return [(image_id, text_id, text) for _loc, image_id, text_id, text in read_records(path, **list_keys)]
+    if kind == "webdataset":
+        records = []
+        for url in shard_urls(path):
+            images, captions = scan_shard(url)
+            for key, record in captions.items():
+                if key in images and not isinstance(record[2], str):
+                    raise DataError(f"{url}: sample {key}: .json has no string 'text'")
+            records += [record for key, record in captions.items() if key in images]
+        if not records:
+            raise DataError(f"{path}: the shards hold no image-caption samples")
+        return records
+    raise ConfigError(f"{path}: captions are read from a file list or shards here, not from {kind} data")
+
+
+def texts_by_id(records: list[tuple[formats.Id, formats.Id, str]], where: str) -> list[dict[str, Any]]:
+    """Pairs → the reference's texts JSONL rows ``{"text_id", "text", "image_ids"}``, texts in first-appearance
+    order; a text id carrying two different captions is an error."""
+    rows: dict[formats.Id, dict[str, Any]] = {}
+    for image_id, text_id, text in records:
+        row = rows.setdefault(text_id, {"text_id": text_id, "text": text, "image_ids": []})
+        if row["text"] != text:
+            raise DataError(f"{where}: text_id {text_id} has two captions: {row['text']!r} and {text!r}")
+        if image_id not in row["image_ids"]:
+            row["image_ids"].append(image_id)
+    return list(rows.values())
+
+
+def read_shard_bytes(url: str, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` of a shard (an image member found by :func:`scan_shard`)."""
+    from cn_clip.data.wds_dataset import open_stream
+
+    try:
+        with open_stream(url) as handle:
+            handle.seek(offset)
+            data = handle.read(size)
+    except FileNotFoundError:
+        raise DataError(f"{url}: shard not found") from None
+    if len(data) != size:
+        raise DataError(f"{url}: {size} bytes at offset {offset} expected, {len(data)} read (shard changed?)")
+    return data
+
+
 class ShardImages:
     """The distinct images of WebDataset shards: ``(image_id, tensor)`` in shard order, read by byte offset."""
 
     def __init__(self, spec: str, transform: Callable) -> None:
-        import json
-        import tarfile
-
-        from cn_clip.data.wds_dataset import IMAGE_EXTS, expand_source, open_stream
-
-        if spec.startswith("pipe:"):
-            raise ConfigError(f"{spec}: a pipe: stream cannot be read by offset; extract from local shards or URLs")
-        self.urls = [url for source in spec.split("::") if source for url in expand_source(source)]
+        self.urls = shard_urls(spec)
         self.transform = transform
         found: dict[formats.Id, tuple[int, int, int]] = {}
         for number, url in enumerate(self.urls):
-            images: dict[str, tuple[int, int]] = {}
-            ids: dict[str, formats.Id] = {}
-            with open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    if ext.lower() in IMAGE_EXTS:
-                        images[key] = (member.offset_data, member.size)
-                    elif ext.lower() == "json":
-                        meta = json.loads(tar.extractfile(member).read())
-                        ids[key] = meta.get("image_id", key) if isinstance(meta, dict) else key
+            images, captions = scan_shard(url)
             for key, (offset, size) in images.items():
-                found.setdefault(ids.get(key, key), (number, offset, size))
+                image_id = captions[key][0] if key in captions else key
+                found.setdefault(image_id, (number, offset, size))
         self.ids = list(found)
         self.places = list(found.values())
         self._handles: dict[int, Any] = {}

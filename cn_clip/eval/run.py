@@ -2,10 +2,12 @@
 
 ``python -m cn_clip.eval.run --data D --split valid --resume CKPT --vision-model ViT-B-16 --text-model
 RoBERTa-wwm-ext-base-chinese`` where ``D`` holds the reference layout ``{split}_texts.jsonl`` and
-``lmdb/{split}/imgs``. Writes into ``--output-dir`` (default ``D/eval/{split}``) the files of the reference's manual
-steps — feature files, ``{split}_predictions.jsonl`` / ``{split}_tr_predictions.jsonl`` (submission-ready),
-``{split}_texts.tr.jsonl``, ``output.json`` / ``output_tr.json`` (byte-identical to ``evaluation.py`` /
-``evaluation_tr.py`` on those files) — plus ``summary.json``.
+``lmdb/{split}/imgs``. ``--data`` may instead be WebDataset shards or a CSV/JSONL of image files
+(``--dataset-type``, docs/data.md): their image-caption pairs become ``{split}_texts.jsonl`` in the output dir, the
+ground truth the scoring reads. Writes into ``--output-dir`` (default ``D/eval/{split}``) the files of the
+reference's manual steps — feature files, ``{split}_predictions.jsonl`` / ``{split}_tr_predictions.jsonl``
+(submission-ready), ``{split}_texts.tr.jsonl``, ``output.json`` / ``output_tr.json`` (byte-identical to
+``evaluation.py`` / ``evaluation_tr.py`` on those files) — plus ``summary.json``.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from cn_clip.cli.args import (
     extract_options,
 )
 from cn_clip.cli.runner import run_cli, setup_logging
+from cn_clip.data.sources import add_source_args
 from cn_clip.errors import ConfigError, DataError
 from cn_clip.eval import features as F
 from cn_clip.eval.directions import IMAGE_TO_TEXT, TEXT_TO_IMAGE, Direction
 from cn_clip.fileio import atomic_write
-from cn_clip.runtime import resolve_device, shutdown
+from cn_clip.runtime import barrier, resolve_device, shutdown
 from cn_clip.tokenizer import get_tokenizer
 
 _logger = logging.getLogger(__name__)
@@ -46,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     from cn_clip.eval.topk import BACKENDS
 
     parser = argparse.ArgumentParser(description="Extract features, rank both directions and score them.")
-    parser.add_argument("--data", required=True, help="dataset dir with {split}_texts.jsonl and lmdb/{split}/imgs")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="dataset dir with {split}_texts.jsonl and lmdb/{split}/imgs, or shards / a CSV/JSONL of image files",
+    )
     parser.add_argument("--split", default="valid", help="split name (default valid)")
     parser.add_argument("--output-dir", default=None, help="default: DATA/eval/SPLIT")
     add_resume_arg(parser)
@@ -62,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-format", choices=("jsonl", "npy"), default="jsonl", help="feature file format")
     add_image_reader_args(parser)
+    add_source_args(parser.add_argument_group("image sources (docs/data.md)"))
     parser.add_argument(
         "--calibrate",
         nargs="?",
@@ -75,13 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass
 class Layout:
-    """Every input and output path of one run."""
+    """Every input and output path of one run. ``derived``: the texts file is written from the pairs of a
+    shard or file-list ``images`` source (:func:`write_derived_texts`) rather than read from the dataset dir."""
 
-    images: Path
+    images: str
     texts: Path
     out: Path
     split: str
     feature_suffix: str = ".jsonl"
+    derived: bool = False
 
     @property
     def image_features(self) -> Path:
@@ -103,7 +113,30 @@ class Layout:
         return self.out / ("output_tr.json" if direction is IMAGE_TO_TEXT else "output.json")
 
 
+def _reference_layout(args: argparse.Namespace) -> bool:
+    """True when ``--data`` is a dataset dir in the reference layout (LMDB), False for shards or a file list."""
+    from cn_clip.data.loader import resolve_dataset_type
+
+    data, kind = str(args.data), args.dataset_type
+    if kind == "lmdb" or (kind == "auto" and Path(data).is_dir() and not Path(data, "imgs").is_dir()):
+        return True
+    kind = resolve_dataset_type(data, kind)
+    if kind == "lmdb":
+        raise ConfigError(
+            f"--data {data} is one split's LMDB; give the dataset dir that holds {args.split}_texts.jsonl and "
+            f"lmdb/{args.split}/ (with --split)"
+        )
+    return False
+
+
 def resolve_layout(args: argparse.Namespace) -> Layout:
+    suffix = ".npy" if args.output_format == "npy" else ".jsonl"
+    if not _reference_layout(args):
+        if not args.output_dir:
+            raise ConfigError(f"--data {args.data} is shards or a file list: give --output-dir for the results")
+        out = Path(args.output_dir)
+        texts = out / f"{args.split}_texts.jsonl"
+        return Layout(str(args.data), texts, out, args.split, suffix, derived=True)
     data = Path(args.data)
     texts, images = data / f"{args.split}_texts.jsonl", data / "lmdb" / args.split / "imgs"
     if not texts.is_file():
@@ -111,8 +144,20 @@ def resolve_layout(args: argparse.Namespace) -> Layout:
     if not images.is_dir():
         raise DataError(f"The image LMDB directory {images} not exists!")
     out = Path(args.output_dir) if args.output_dir else data / "eval" / args.split
-    suffix = ".npy" if args.output_format == "npy" else ".jsonl"
-    return Layout(images=images, texts=texts, out=out, split=args.split, feature_suffix=suffix)
+    return Layout(images=str(images), texts=texts, out=out, split=args.split, feature_suffix=suffix)
+
+
+def write_derived_texts(layout: Layout, source: dict[str, Any]) -> int:
+    """The pairs of a shard or file-list source → ``layout.texts`` in the reference's texts format; returns the
+    number of texts."""
+    from cn_clip.data.sources import caption_records, texts_by_id
+
+    rows = texts_by_id(caption_records(layout.images, **source), layout.images)
+    with atomic_write(layout.texts) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _logger.info("%s: %d texts and their images written to %s", layout.images, len(rows), layout.texts)
+    return len(rows)
 
 
 def write_tr_truth(texts: Path, output: Path) -> dict[Any, list]:
@@ -180,6 +225,10 @@ def evaluate_split(args: argparse.Namespace) -> dict[str, Any] | None:
         architecture, args.resume, device, args.precision, announce, args.context_length, args.interpolate_positions
     )
     opts = extract_options(args, tokenizer=get_tokenizer(model.cfg))
+    if layout.derived:
+        if env.is_primary:
+            write_derived_texts(layout, opts.source)
+        barrier(env)
     resolution = model.cfg.vision.image_resolution
     text_encoder = F.TorchEncoder(model.encode_text, device, args.precision)
     image_encoder = F.TorchEncoder(model.encode_image, device, args.precision)

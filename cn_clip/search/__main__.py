@@ -27,15 +27,18 @@ from cn_clip.cli.args import (
     add_resume_arg,
 )
 from cn_clip.cli.runner import run_cli, setup_logging
+from cn_clip.data.sources import add_source_args, source_options
 from cn_clip.errors import ConfigError
 from cn_clip.search.ann import INDEX_TYPES
+
+IMAGE_DATA_HELP = "an imgs LMDB, a folder of images, a CSV/JSONL of image files, or WebDataset shards (path or URL)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cn_clip.search", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     index = commands.add_parser("index", help="build a FAISS index of image features")
-    index.add_argument("--image-data", required=True, help="an imgs LMDB directory or a folder of images")
+    index.add_argument("--image-data", required=True, help=IMAGE_DATA_HELP)
     add_resume_arg(index)
     index.add_argument("--out", required=True, help="index directory to write")
     add_model_args(index)
@@ -46,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
     add_device_arg(index)
     add_image_reader_args(index)
+    add_source_args(index.add_argument_group("image sources (docs/data.md)"))
     index.add_argument(
         "--index-type", choices=INDEX_TYPES, default="flat", help="exact flat, approximate ivf|hnsw|ivfpq, or auto"
     )
@@ -65,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--min-probability", type=float, default=None, help="drop hits below (needs --calibration)")
     add = commands.add_parser("add", help="encode more images and add them to an index (atomic)")
     add.add_argument("--index", required=True, help="index directory to grow")
-    add.add_argument("--image-data", required=True, help="an imgs LMDB directory or a folder of images")
+    add.add_argument("--image-data", required=True, help=IMAGE_DATA_HELP)
     add.add_argument("--img-batch-size", type=int, default=64, help="image batch size")
     add_device_arg(add)
     add_image_reader_args(add)
+    add_source_args(add.add_argument_group("image sources (docs/data.md)"))
 
     remove = commands.add_parser("remove", help="remove images from an index by id (atomic)")
     remove.add_argument("--index", required=True, help="index directory")
@@ -124,6 +129,7 @@ def _reading(args: argparse.Namespace) -> Any:
         num_workers=args.num_workers,
         id_type=args.image_id_type,
         progress=not args.no_progress,
+        source=source_options(args),
     )
 
 

@@ -191,8 +191,17 @@ class SearchEngine:
         source, key = gallery.source_of(row)
         if source["kind"] == "folder":
             return (Path(source["path"]) / key).read_bytes()
-        if source["kind"] == "list":
-            raise DataError(f"image {key}: images of a shard or file-list source ({source['path']}) are not served")
+        if source["kind"] == "files":
+            from cn_clip.data.filelist import read_bytes
+
+            return read_bytes(key)
+        if source["kind"] == "shards":
+            from cn_clip.data.sources import read_shard_bytes
+
+            number, offset, size = (int(part) for part in key.split(":"))
+            return read_shard_bytes(source["shards"][number], offset, size)
+        if source["kind"] == "list":  # indexes built before shard and file-list rows kept their location
+            raise DataError(f"image {key}: this index predates served shard/file-list images; rebuild it to see them")
         from cn_clip.data.formats import b64decode_image
         from cn_clip.data.lmdb_dataset import _open_env  # one handle per process and path, shared with the readers
 

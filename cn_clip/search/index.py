@@ -1,4 +1,5 @@
-"""Build and grow a search index: image features of an ``imgs`` LMDB or an image folder in a FAISS
+"""Build and grow a search index: image features of an ``imgs`` LMDB, an image folder, a CSV/JSONL of image files or
+WebDataset shards (``--dataset-type``, docs/data.md) in a FAISS
 inner-product index (features are L2-normalised, so scores are cosine similarities). The directory layout, its
 atomic updates and the index types are described in :mod:`cn_clip.search.store` and :mod:`cn_clip.search.ann`.
 """
@@ -63,27 +64,48 @@ def load_image(path: Path, transform: Any) -> Any:
         raise DataError(f"{path}: cannot read this image ({type(exc).__name__}: {exc})") from None
 
 
-def _source_dataset(image_data: Path, resolution: int, id_type: str) -> tuple[Any, list[str] | None, dict[str, str]]:
-    """The dataset of ``image_data``, each row's key in it (LMDB key or relative path; None for a shard or file
-    list, whose keys are the image ids read) and the source record."""
+def _source_dataset(image_data: str, resolution: int, reading: ImageReading) -> tuple[Any, list[str], dict[str, Any]]:
+    """The dataset of ``image_data``, each row's key in it and the source record (``meta.json``'s ``sources``): an
+    LMDB key, a folder's relative path, a file list's image path or URL, or a shard row ``number:offset:size``
+    (``shards`` lists the shard URLs). Every kind can be read back for the search page."""
+    from cn_clip.data.filelist import is_url
     from cn_clip.data.lmdb_dataset import LMDBImageDataset
-    from cn_clip.data.sources import image_dataset
+    from cn_clip.data.sources import ListImages, ShardImages, image_dataset, source_options
 
-    if not image_data.exists():
+    options = {**source_options(None), **(reading.source or {})}
+    kind = options["dataset_type"]
+    local = Path(image_data)
+    if not (is_url(image_data) or local.exists() or any(mark in image_data for mark in ("{", "::", "pipe:"))):
         raise DataError(f"--image-data {image_data} does not exist")
-    source = {"kind": "lmdb", "path": str(image_data.resolve())}
-    if image_data.is_dir() and is_lmdb(image_data):
-        dataset = LMDBImageDataset(image_data, resolution=resolution, id_type=id_type)
+    if kind in ("auto", "lmdb") and local.is_dir() and is_lmdb(local):
+        dataset = LMDBImageDataset(local, resolution=resolution, id_type=reading.id_type)
+        source = {"kind": "lmdb", "path": str(local.resolve())}
         return dataset, [key.decode("utf-8") for key in dataset.keys], source
-    if not image_data.is_dir():  # a shard list (.txt), *.tar, or a CSV/JSONL of image files (docs/data.md)
-        dataset = image_dataset(str(image_data), resolution=resolution, id_type=id_type)
-        return dataset, None, {"kind": "list", "path": str(image_data.resolve())}
-    files = list_images(image_data)
-    if not files:
-        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise DataError(f"{image_data}: no image files ({extensions}) and no LMDB (data.mdb) found")
-    dataset = FolderImageDataset(image_data, files, resolution)
-    return dataset, [f.relative_to(image_data).as_posix() for f in files], {**source, "kind": "folder"}
+    if kind == "auto" and local.is_dir() and not (local / "imgs").is_dir():
+        files = list_images(local)
+        if not files:
+            extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise DataError(f"{image_data}: no image files ({extensions}) and no LMDB (data.mdb) found")
+        dataset = FolderImageDataset(local, files, resolution)
+        source = {"kind": "folder", "path": str(local.resolve())}
+        return dataset, [f.relative_to(local).as_posix() for f in files], source
+    dataset = image_dataset(image_data, resolution=resolution, id_type=reading.id_type, **options)
+    if isinstance(dataset, LMDBImageDataset):  # an LMDB split dir (imgs/ + pairs/) or --dataset-type lmdb
+        source = {"kind": "lmdb", "path": str(dataset.lmdb_path.resolve())}
+        return dataset, [key.decode("utf-8") for key in dataset.keys], source
+    if isinstance(dataset, ListImages):
+        return dataset, list(dataset.locations), {"kind": "files", "path": _absolute(image_data)}
+    if isinstance(dataset, ShardImages):
+        keys = [f"{number}:{offset}:{size}" for number, offset, size in dataset.places]
+        return dataset, keys, {"kind": "shards", "path": image_data, "shards": [_absolute(u) for u in dataset.urls]}
+    raise ConfigError(f"{image_data}: no images to index here")
+
+
+def _absolute(location: str) -> str:
+    """A local path made absolute (the index may be served from another directory); URLs unchanged."""
+    from cn_clip.data.filelist import is_url
+
+    return location if is_url(location) else str(Path(location).resolve())
 
 
 @dataclass
@@ -94,26 +116,27 @@ class ImageReading:
     num_workers: int = 0
     id_type: str = "auto"  # LMDB key → id, see cn_clip.data.formats.image_id_from_key
     progress: bool = True
+    source: dict[str, Any] | None = None  # --dataset-type and file-list columns (data.sources.source_options)
 
 
 def encode_images(
-    image_data: Path,
+    image_data: str | os.PathLike,
     model: Any,
     device: str,
     precision: str = "fp32",
     reading: ImageReading | None = None,
     dim: int | None = None,
 ) -> tuple[F.Extracted, list[str], dict[str, str]]:
-    """Features of every image of an LMDB or folder: ``(extracted, keys, source)``, rows in source order; ``dim``:
-    Matryoshka width (None: full)."""
+    """Features of every image of an LMDB, a folder, a file list or shards: ``(extracted, keys, source)``, rows in
+    source order; ``dim``: Matryoshka width (None: full)."""
     reading = reading or ImageReading()
-    dataset, keys, source = _source_dataset(image_data, model.cfg.vision.image_resolution, reading.id_type)
+    dataset, keys, source = _source_dataset(str(image_data), model.cfg.vision.image_resolution, reading)
     encoder = F.TorchEncoder(partial(model.encode_image, dim=dim), device, precision)
     batches = F.sequential_batches(len(dataset), reading.batch_size)
     extracted = F.extract_dataset(
         encoder, dataset, batches, num_workers=reading.num_workers, desc="images", progress=reading.progress
     )
-    return extracted, keys if keys is not None else [str(i) for i in extracted.ids], source
+    return extracted, keys, source
 
 
 def build_index(
@@ -148,7 +171,6 @@ def build_index(
         context_length=context_length,
         interpolate_positions=interpolate_positions,
     )
-    image_data = Path(image_data)
     if dim is not None:
         check_dim(dim, model.cfg.embed_dim)
     extracted, keys, source = encode_images(image_data, model, device, precision, reading, dim)
@@ -187,5 +209,5 @@ def add_images(
     device = resolve_device(device)
     precision = meta.get("precision", "fp32")
     model, _ = F.load_eval_model(meta["architecture"], meta["checkpoint"], device, precision, announce=False)
-    extracted, keys, source = encode_images(Path(image_data), model, device, precision, reading)
+    extracted, keys, source = encode_images(image_data, model, device, precision, reading)
     return store.add(index_dir, extracted.matrix, extracted.ids, keys, source)

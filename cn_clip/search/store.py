@@ -6,7 +6,9 @@ Layout (generation 0 after ``index``; each ``add``/``remove`` writes generation 
                           index type, recall@10, counts, sources, build time
     index[.g].faiss       FAISS index, label i = row i (see cn_clip.search.ann)
     ids[.g].json          [id, ...]: LMDB image ids (int or str) or, for folders, paths relative to the folder
-    locations[.g].json    [[source number, LMDB key or relative path], ...]: where row i's image is read from
+    locations[.g].json    [[source number, key], ...]: where row i's image is read from; the key is an LMDB key
+                          (kind lmdb), a relative path (folder), an image path or URL (files: a CSV/JSONL list)
+                          or "shard number:byte offset:size" (shards, whose URLs the source lists)
     vectors[.g].npy       [N, D] float32 L2-normalised features (exact rows for "similar images" and rebuilds)
 
 An update writes the new generation's files beside the old ones, then replaces ``meta.json`` atomically. A reader
@@ -78,9 +80,11 @@ class Gallery:
         return self.meta["sources"][number], key
 
     def path_of(self, row: int) -> str | None:
-        """The image file of a folder row (absolute), None for an LMDB row."""
+        """The image file (absolute) or URL of a folder or file-list row, None for an LMDB or shard row."""
         source, key = self.source_of(row)
-        return str(Path(source["path"]) / key) if source["kind"] == "folder" else None
+        if source["kind"] == "folder":
+            return str(Path(source["path"]) / key)
+        return key if source["kind"] == "files" else None
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
@@ -264,8 +268,8 @@ def add(
     keys: Sequence[str],
     source: dict[str, str],
 ) -> dict[str, Any]:
-    """Append rows read from ``source`` (``{"kind": "lmdb"|"folder", "path": …}``); ids already present are
-    refused, naming them."""
+    """Append rows read from ``source`` (``{"kind": "lmdb"|"folder"|"files"|"shards", "path": …}``); ids already
+    present are refused, naming them."""
     directory = Path(directory)
     started = time.perf_counter()
     with _lock(directory):

@@ -56,9 +56,9 @@ ADDED = {
         "layer_decay": None,
     },
     "topk": {"calibration": None},  # probabilities from a calib.json (docs/scores.md)
-    "run": {"calibrate": None},
-    "search/index": {"index_type": "flat"},  # approximate indexes (docs/search_service.md)
-    "search/index_flags": {"index_type": "flat"},
+    "run": {**_SOURCES, "calibrate": None},
+    "search/index": {**_SOURCES, "index_type": "flat"},  # approximate indexes (docs/search_service.md)
+    "search/index_flags": {**_SOURCES, "index_type": "flat"},
     "search/query": {"calibration": None, "min_probability": None},
     "search/query_flags": {"calibration": None, "min_probability": None},
     "extract": _SOURCES,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import http.server
@@ -9,6 +10,7 @@ import io
 import json
 import tarfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -108,23 +110,50 @@ def test_training_from_shards_and_csv_matches_lmdb(built: Path, tmp_path: Path) 
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with single byte ranges (``Range: bytes=a-b``), as object stores serve them."""
+
     def log_message(self, *args: object) -> None:
         pass
 
+    def do_GET(self) -> None:
+        wanted = self.headers.get("Range", "")
+        path = Path(self.translate_path(self.path))
+        if not wanted.startswith("bytes=") or not path.is_file():
+            return super().do_GET()
+        data = path.read_bytes()
+        first, _, last = wanted.removeprefix("bytes=").partition("-")
+        start, end = int(first or 0), min(int(last) if last else len(data) - 1, len(data) - 1)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        self.wfile.write(data[start : end + 1])
 
-def test_shards_train_through_an_http_url(built: Path, tmp_path: Path) -> None:
+    def end_headers(self) -> None:
+        self.send_header("Accept-Ranges", "bytes")
+        super().end_headers()
+
+
+@contextlib.contextmanager
+def _serve(directory: Path) -> Iterator[str]:
+    """``directory`` over HTTP on 127.0.0.1 for the block; yields the base URL."""
     server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(built / "wds"))
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(directory))
     )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/train-{{000000..000004}}.tar"
-        assert resolve_dataset_type(url) == "webdataset"
-        remote = _train(built, tmp_path / "http", url, steps=3)
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_shards_train_through_an_http_url(built: Path, tmp_path: Path) -> None:
+    with _serve(built / "wds") as base:
+        url = f"{base}/train-{{000000..000004}}.tar"
+        assert resolve_dataset_type(url) == "webdataset"
+        remote = _train(built, tmp_path / "http", url, steps=3)
     local = _train(built, tmp_path / "local", _train_shards(built), steps=3)
     assert remote["losses"] == local["losses"]
 
@@ -369,3 +398,67 @@ def test_search_index_from_shards_and_a_csv(built: Path, tmp_path: Path) -> None
         ids[name] = [str(i) for i in store.load(tmp_path / name).ids]
         assert meta["count"] == N_IMAGES
     assert sorted(ids["wds"]) == sorted(ids["csv"]) == sorted(ids["lmdb"])
+    assert [s["kind"] for s in ("lmdb", "wds", "csv") for s in store.read_meta(tmp_path / s)["sources"]] == [
+        "lmdb", "shards", "files",
+    ]  # fmt: skip
+
+
+def test_search_serves_images_of_every_source(built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search page shows shard and file-list images: each row's bytes are the LMDB's for that image id, from a
+    local index and from an index of shards and a CSV behind http:// (--dataset-type on the command line)."""
+    from cn_clip.models.factory import create_model
+    from cn_clip.search.__main__ import main as search_main
+    from cn_clip.search.engine import SearchEngine
+    from tests.helpers import seeded_checkpoint
+
+    ckpt = seeded_checkpoint(tmp_path / "c.pt")
+    flags = [*TINY_FLAGS, "--resume", str(ckpt), "--device", "cpu", "--num-workers", "0", "--no-progress"]
+    expected = {path.stem: path.read_bytes() for path in (built / "photos").glob("*.jpg")}  # the LMDB's bytes
+    with _serve(built) as base:
+        sources = {
+            "wds": ["--image-data", _train_shards(built)],
+            "csv": ["--image-data", str(built / "train.csv"), "--dataset-type", "csv"],
+            "http-wds": ["--image-data", f"{base}/wds/train-{{000000..000004}}.tar", "--dataset-type", "webdataset"],
+            "http-csv": ["--image-data", f"{base}/train.csv"],
+        }
+        model = create_model(TINY_ARCH)
+        for name, argv in sources.items():
+            assert search_main(["index", *argv, "--out", str(tmp_path / name), *flags]) == 0, name
+            engine = SearchEngine(tmp_path / name, model)
+            served = {str(engine.gallery.ids[row]): engine.image_bytes(engine.gallery, row) for row in range(N_IMAGES)}
+            assert served == {key: expected[key] for key in served}, name
+
+
+def test_eval_run_from_shards_and_a_csv_scores_like_lmdb(built: Path, tmp_path: Path) -> None:
+    """eval.run on the valid split's shards and CSV: the pairs become {split}_texts.jsonl, and the predictions and
+    scores are the LMDB run's, byte for byte."""
+    from cn_clip.eval.run import main as eval_main
+    from tests.helpers import seeded_checkpoint
+
+    ckpt = seeded_checkpoint(tmp_path / "c.pt")
+    common = ["--split", "valid", "--resume", str(ckpt), "--num-workers", "0", "--no-progress", "--device", "cpu"]
+    runs = {
+        "lmdb": [str(built)],
+        "wds": [_train_shards(built, "valid")],
+        "csv": [str(built / "valid.csv"), "--dataset-type", "csv"],
+    }
+    for name, data in runs.items():
+        assert eval_main(["--data", *data, "--output-dir", str(tmp_path / name), *common, *TINY_FLAGS]) == 0
+    texts = [json.loads(line) for line in (tmp_path / "wds" / "valid_texts.jsonl").read_text("utf-8").splitlines()]
+    assert texts == [json.loads(line) for line in (built / "valid_texts.jsonl").read_text("utf-8").splitlines()]
+    for name in ("valid_predictions.jsonl", "valid_tr_predictions.jsonl", "output.json", "output_tr.json"):
+        expected = (tmp_path / "lmdb" / name).read_bytes()
+        assert (tmp_path / "wds" / name).read_bytes() == expected, name
+        assert (tmp_path / "csv" / name).read_bytes() == expected, name
+    summary = json.loads((tmp_path / "csv" / "summary.json").read_text("utf-8"))
+    assert summary["num_texts"] == 8 and summary["num_images"] == 4
+
+
+def test_eval_run_source_errors(built: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from cn_clip.eval.run import main as eval_main
+
+    base = ["--resume", str(tmp_path / "none.pt"), "--device", "cpu", *TINY_FLAGS]
+    assert eval_main(["--data", str(built / "valid.csv"), *base]) == 2  # results need a place
+    assert "give --output-dir" in capsys.readouterr().err
+    assert eval_main(["--data", str(built / "lmdb" / "valid"), "--output-dir", str(tmp_path), *base]) == 2
+    assert "one split's LMDB" in capsys.readouterr().err
