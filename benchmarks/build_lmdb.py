@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/build_lmdb.py --images 5000 50000 --repeats 3
 
 Generates ``N`` base64 JPEGs of 256×256 (~24 KB each, like compatibility.md#baselines) plus one caption per image, then
-times each
-builder as a fresh subprocess (interpreter start included), interleaved, and prints a table naming the machine.
+times each builder as a fresh subprocess (interpreter start included, after an ``os.sync()`` so that no build pays for
+the previous one's dirty pages), interleaved and rotated, and prints a table naming the machine.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import reference  # benchmarks/reference.py: where the reference venv is
+
 REPO = Path(__file__).resolve().parents[1]
-REF_PYTHON = Path(os.environ.get("CN_CLIP_REF_PYTHON", "/work/refvenv/bin/python"))
+REF_PYTHON = Path(reference.REF_PYTHON)
 WORDS = (
     "红色",
     "蓝色",
@@ -106,6 +108,21 @@ def _commands(data_dir: Path, out: Path) -> dict[str, list[str]]:
     return cmds
 
 
+def balanced_order(n: int, repeat: int) -> list[int]:
+    """Row ``repeat`` of a Williams (balanced Latin) square: over n repeats (n even) every builder runs in every
+    position and right after every other builder once. A build is slower right after some builders (the
+    reference's leaves the page cache in another state), so plain rotation, which keeps the cyclic order, is not
+    enough."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    return [(value + repeat) % n for value in first]
+
+
 def _cwd_for(name: str, scratch: Path) -> Path:
     # The reference must not import this checkout's cn_clip: run it from an empty directory.
     return scratch if name.startswith("reference") else REPO
@@ -118,9 +135,11 @@ def bench(n_images: int, repeats: int, root: Path) -> list[tuple]:
     print(f"# {n_images} images, TSV {tsv_mb:.1f} MB", flush=True)
     runs: dict[str, list[tuple[float, float, int]]] = {}
     sizes: dict[str, int] = {}
-    for _ in range(repeats):  # interleaved, so load changes hit every builder alike
-        for name, cmd in _commands(data_dir, root / "out").items():
+    commands = list(_commands(data_dir, root / "out").items())
+    for repeat in range(repeats):  # interleaved, so load changes hit every builder alike, in a balanced order
+        for name, cmd in (commands[i] for i in balanced_order(len(commands), repeat)):
             shutil.rmtree(root / "out", ignore_errors=True)
+            os.sync()  # the previous build's dirty pages are written back now, not during this one
             runs.setdefault(name, []).append(_run(cmd, _cwd_for(name, root)))
             sizes[name] = (root / "out" / "train" / "imgs" / "data.mdb").stat().st_size
     shutil.rmtree(data_dir)

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import reference  # benchmarks/reference.py: where the reference venv is
+
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = {"ViT-B-16": "ViT-B-16@RoBERTa-wwm-ext-base-chinese", "RN50": "RN50@RBT3-chinese"}
 GFLOP_PER_IMAGE = {"ViT-B-16": 35.2, "RN50": 10.8}  # multiply-adds × 2 at 224 px (fvcore-style count)
@@ -226,7 +228,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--ref-python", default="/work/refvenv/bin/python")
+    parser.add_argument("--ref-python", default=reference.REF_PYTHON)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import reference  # benchmarks/reference.py: where the reference venv is
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 REF_WRAPPER = (
@@ -73,7 +75,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=1000)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--passes", type=int, default=2)
-    parser.add_argument("--ref-python", default="/work/refvenv/bin/python")
+    parser.add_argument("--ref-python", default=reference.REF_PYTHON)
     args = parser.parse_args()
     # benchmarks/tokenize.py would shadow the standard library's tokenize (torch reaches it through linecache).
     sys.path[:] = [p for p in sys.path if p not in ("", str(Path(__file__).parent))]

@@ -28,6 +28,7 @@ sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import runpy  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -40,7 +41,8 @@ ARCH = {
     "ViT-B-16": "ViT-B-16@RoBERTa-wwm-ext-base-chinese",
     "ViT-H-14": "ViT-H-14@RoBERTa-wwm-ext-large-chinese",
 }
-REF_PYTHON = "/work/refvenv/bin/python"
+# benchmarks/reference.py, read by path: this script keeps its own folder off sys.path (above)
+REF_PYTHON = runpy.run_path(str(Path(__file__).with_name("reference.py")))["REF_PYTHON"]
 
 
 # ----------------------------------------------------------------------------------------------------- worker

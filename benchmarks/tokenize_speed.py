@@ -1,7 +1,7 @@
 """Tokenizer throughput: cn_clip.tokenize against the reference cn-clip 1.6.0, on the same jieba phrases.
 
-The reference runs in its own venv (``--ref-python``, default /work/refvenv/bin/python) as a subprocess; ours runs
-in this process. Two workloads: jieba phrases (pure Chinese, as compatibility.md#baselines) and mixed
+The reference runs in its own venv (``--ref-python``, default ``$CN_CLIP_REF_PYTHON`` or .refvenv) as a subprocess;
+ours runs in this process. Two workloads: jieba phrases (pure Chinese, as compatibility.md#baselines) and mixed
 Chinese/Latin/digit titles.
 Both sides tokenise the same texts to ``[N, 52]`` tensors; each timing is the median of ``--repeats`` calls after
 ``--warmup`` untimed calls. Our first ("cold") call is reported separately: it builds the tokenizer and checks each
@@ -25,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_REF_PYTHON = "/work/refvenv/bin/python"
+import reference  # benchmarks/reference.py: where the reference venv is
+
+DEFAULT_REF_PYTHON = reference.REF_PYTHON
 
 _REFERENCE_SCRIPT = """
 import json, statistics, sys, time

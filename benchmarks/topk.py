@@ -8,7 +8,7 @@ Part 2 (library, large gallery): a 200,000-image gallery from ``.npy``, 1,000 qu
 ends, plus a naive per-query Python sort (the reference's algorithm) timed on a few queries and extrapolated.
 Each measurement runs in its own process; peak RSS comes from ``wait4``.
 
-    .venv/bin/python benchmarks/topk.py [--passes 3] [--skip-large] [--ref-python /work/refvenv/bin/python]
+    .venv/bin/python benchmarks/topk.py [--passes 3] [--skip-large] [--ref-python .refvenv/bin/python]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import reference  # benchmarks/reference.py: where the reference venv is
 
 SIZE_ARGS = ("n_images", "n_texts", "dim", "large_gallery", "large_queries")
 CUDA_SHIM = (
@@ -191,7 +192,7 @@ def main() -> None:
     parser.add_argument("--n-texts", type=int, default=5000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--backends", nargs="+", default=["numpy", "torch", "faiss"])
-    parser.add_argument("--ref-python", default="/work/refvenv/bin/python", help="interpreter with cn-clip==1.6.0")
+    parser.add_argument("--ref-python", default=reference.REF_PYTHON, help="interpreter with cn-clip==1.6.0")
     parser.add_argument("--skip-reference-part", action="store_true")
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--large-gallery", type=int, default=200_000)

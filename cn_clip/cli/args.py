@@ -153,3 +153,27 @@ def add_image_id_type_arg(parser: argparse._ActionsContainer) -> None:
         default="auto",
         help="LMDB key → id: auto keeps '007'/'a1' as strings and makes canonical decimals ints; int = reference",
     )
+
+
+def add_build_validation_args(parser: argparse._ActionsContainer) -> None:
+    """How the dataset builders (LMDB and WebDataset) validate their input: one report of every problem."""
+    parser.add_argument("--skip-bad", action="store_true", help="drop bad rows (listed in the build report)")
+    parser.add_argument(
+        "--check-images",
+        nargs="?",
+        const="header",
+        default="header",
+        choices=("header", "full", "off"),
+        help="check that every image opens in Pillow (default: header; 'full' decodes all pixels; 'off': base64 only)",
+    )
+    parser.add_argument(
+        "--no-check-images",
+        dest="check_images",
+        action="store_const",
+        const="off",
+        help="only check the base64 text, not the image inside (= --check-images off)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="processes for image checks (default: cores - 1; this one writes)"
+    )
+    parser.add_argument("--report", default=None, help="write the list of problems / dropped rows to this JSON file")

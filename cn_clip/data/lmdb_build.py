@@ -21,7 +21,7 @@ import mmap
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ PAGE_SIZE = 4096
 MAX_LISTED_PROBLEMS = 20
 _TXN_BYTES = 64 << 20  # bytes buffered per write transaction: bounds memory and the replay after a map resize
 _MIN_CHUNK = 1 << 20
-_MAX_CHUNK = 16 << 20
+_MAX_CHUNK = 4 << 20  # small enough that the writer, once done, can take the last chunks off the pool
 _PARALLEL_MIN_BYTES = 8 << 20  # below this a worker pool costs more than it saves
 _WINDOW = 32 << 20  # TSV bytes mapped at a time while writing
 _REMAP_BYTES = 64 << 20  # writemap pages stay resident while mapped: reopen the environment after this much
@@ -233,23 +233,54 @@ def _merge_chunks(name: str, scans: Iterable[_ChunkScan]) -> TsvScan:
     return result
 
 
-def _submit_tsv_scan(path: Path, check_images: str, pool: Executor | None, workers: int) -> list[Future | _ChunkScan]:
+@dataclass
+class _ScanJob:
+    """One chunk of a TSV being validated: a pool future, or the result when it ran here."""
+
+    path: str
+    start: int
+    end: int
+    check_images: str
+    future: Future | None = None
+    result: _ChunkScan | None = None
+
+    def run_here_if_not_started(self) -> bool:
+        """Validate in this process when the pool has not started the chunk yet (work stealing)."""
+        if self.future is None or not self.future.cancel():
+            return False
+        self.result, self.future = _scan_tsv_chunk(self.path, self.start, self.end, self.check_images), None
+        return True
+
+    def get(self) -> _ChunkScan:
+        return self.result if self.future is None else self.future.result()
+
+
+def _submit_tsv_scan(path: Path, check_images: str, pool: Executor | None, workers: int) -> list[_ScanJob]:
     size = path.stat().st_size
     if pool is None or size < _PARALLEL_MIN_BYTES:
-        return [_scan_tsv_chunk(str(path), 0, size, check_images)]
+        return [_ScanJob(str(path), 0, size, check_images, result=_scan_tsv_chunk(str(path), 0, size, check_images))]
     chunk = max(_MIN_CHUNK, min(_MAX_CHUNK, size // (workers * 4) + 1))
-    return [
-        pool.submit(_scan_tsv_chunk, str(path), start, end, check_images) for start, end in _chunk_ranges(path, chunk)
-    ]
+    jobs = [_ScanJob(str(path), start, end, check_images) for start, end in _chunk_ranges(path, chunk)]
+    for job in jobs:
+        job.future = pool.submit(_scan_tsv_chunk, job.path, job.start, job.end, job.check_images)
+    return jobs
 
 
-def _collect(jobs: list[Future | _ChunkScan], desc: str) -> Iterator[_ChunkScan]:
+def _collect(jobs: list[_ScanJob], desc: str) -> Iterator[_ChunkScan]:
+    """Every chunk's result in file order. This process, its own writing done, first validates the chunks that the
+    pool has not started, from the last one back, so neither side waits on the other."""
     from tqdm import tqdm
 
     with tqdm(total=len(jobs), desc=desc, unit="chunk", disable=None, leave=False) as bar:
-        for job in jobs:
-            yield job.result() if isinstance(job, Future) else job
+        for job in reversed(jobs):
+            if not job.run_here_if_not_started():
+                break
             bar.update(1)
+        for job in jobs:
+            result = job.get()
+            if job.future is not None:
+                bar.update(1)
+            yield result
 
 
 # --------------------------------------------------------------------------------------------------- pass 1: texts
@@ -268,7 +299,9 @@ class TextScan:
     refs: list[tuple[int, str, tuple]] = field(default_factory=list)  # (line, text subject, image ids)
 
 
-def _scan_texts(path: Path) -> TextScan:
+def _scan_texts(path: Path, on_record: Callable[[formats.TextRecord], None] | None = None) -> TextScan:
+    """Validate a texts JSONL; ``on_record`` gets each good record in file order until the first problem (the
+    speculative build writes the pairs from this one parse)."""
     name = path.name
     scan = TextScan()
     seen_text_ids: dict[object, int] = {}
@@ -288,6 +321,8 @@ def _scan_texts(path: Path) -> TextScan:
                 scan.bad_lines.add(line_no)
                 continue
             seen_text_ids[id_key] = line_no
+            if on_record is not None and not scan.problems:
+                on_record(record)
             scan.n_texts += 1
             scan.refs.append((line_no, subject, record.image_ids))
             scan.map_bytes += len(record.image_ids) * 2 * (len(record.text.encode("utf-8")) + 64)
@@ -339,12 +374,19 @@ def _missing_files(data_dir: Path, split: str) -> list[Problem]:
 
 
 def _plan_split(
-    data_dir: Path, split: str, check_images: str, pool: Executor | None, workers: int, while_scanning=None
+    data_dir: Path,
+    split: str,
+    check_images: str,
+    pool: Executor | None,
+    workers: int,
+    on_record: Callable[[formats.TextRecord], None] | None = None,
+    while_scanning: Callable[[TextScan], None] | None = None,
 ) -> SplitPlan:
-    """Pass 1 for one split. ``while_scanning(texts)`` runs in this process while the TSV workers are busy."""
+    """Pass 1 for one split. ``on_record`` sees each good text as it is parsed and ``while_scanning(texts)`` runs
+    after the texts, both in this process while the TSV workers are busy."""
     imgs_path, texts_path = _split_files(data_dir, split)
     jobs = _submit_tsv_scan(imgs_path, check_images, pool, workers)
-    texts = _scan_texts(texts_path)
+    texts = _scan_texts(texts_path, on_record)
     if while_scanning is not None:
         while_scanning(texts)
     images = _merge_chunks(imgs_path.name, _collect(jobs, f"check {split} images"))
@@ -388,7 +430,9 @@ def _resolve_workers(workers: int | None) -> int:
 
 
 def _default_workers() -> int:
-    """One core per image-checking worker, one left for the process that writes the LMDB meanwhile."""
+    """One image-checking worker per core but one, left for the process that writes the LMDB meanwhile (and then
+    validates the chunks no worker has started). benchmarks/build_lmdb.py, rotated runs on 2 cores: one worker per
+    core is 15-25 % slower, the three processes contending for two cores."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -515,31 +559,46 @@ def _write_images(imgs_path: Path, split: str, out_dir: Path, map_size: int, bad
     return count
 
 
-def _write_pairs(texts_path: Path, split: str, out_dir: Path, map_size: int, skip: TextScan | None) -> int:
+class PairWriter:
+    """The ``pairs`` LMDB: key ``str(n)`` → the pickled ``(image_id, text_id, text)`` of the n-th pair, then
+    ``num_samples``, as the reference writes it."""
+
+    def __init__(self, out_dir: Path, map_size: int) -> None:
+        self.writer = LmdbWriter(out_dir, map_size)
+        self.count = 0
+
+    def add(self, record: formats.TextRecord, drop: Container[int] = ()) -> None:
+        """One text's pairs, one per image id, leaving out the positions in ``drop``."""
+        for position, image_id in enumerate(record.image_ids):
+            if position not in drop:
+                self.writer.put(
+                    str(self.count).encode("utf-8"), formats.dumps_pair(image_id, record.text_id, record.text)
+                )
+                self.count += 1
+
+    def close(self) -> int:
+        self.writer.put(formats.NUM_SAMPLES_KEY, str(self.count).encode("utf-8"))
+        self.writer.close()
+        return self.count
+
+    def abandon(self) -> None:
+        """Close without finishing (the build failed; its temp dir goes)."""
+        self.writer.env.close()
+
+
+def _write_pairs(texts_path: Path, split: str, out_dir: Path, map_size: int, skip: TextScan) -> int:
+    """``--skip-bad``'s pass 2: re-read the texts, leaving out the bad lines and the dropped pairs."""
     from tqdm import tqdm
 
-    writer = LmdbWriter(out_dir, map_size)
-    write_idx = 0
-    skip_lines = skip.bad_lines if skip else set()
-    dropped = skip.dropped_pairs if skip else {}
+    pairs = PairWriter(out_dir, map_size)
     with tqdm(desc=f"{split} pairs", unit="pair", disable=None, leave=False) as bar:
         for line_no, line in formats.iter_text_lines(texts_path):
-            if line_no in skip_lines:
+            if line_no in skip.bad_lines:
                 continue
-            try:
-                record = formats.parse_text_line(line)
-            except ValueError:
-                continue  # only while writing ahead of validation, which reports it
-            drop = dropped.get(line_no, ())
-            for position, image_id in enumerate(record.image_ids):
-                if position in drop:
-                    continue
-                writer.put(str(write_idx).encode("utf-8"), formats.dumps_pair(image_id, record.text_id, record.text))
-                write_idx += 1
-            bar.update(len(record.image_ids) - len(drop))
-    writer.put(formats.NUM_SAMPLES_KEY, str(write_idx).encode("utf-8"))
-    writer.close()
-    return write_idx
+            before = pairs.count
+            pairs.add(formats.parse_text_line(line), skip.dropped_pairs.get(line_no, ()))
+            bar.update(pairs.count - before)
+    return pairs.close()
 
 
 # ---------------------------------------------------------------------------------------------------- orchestration
@@ -634,14 +693,16 @@ def _initial_map_size(estimate: int) -> int:
 
 
 def _write_ahead(
-    data_dir: Path, split: str, tmp: Path, result: SplitResult, map_size: int | None, texts: TextScan
+    data_dir: Path, split: str, tmp: Path, result: SplitResult, map_size: int | None, pairs: PairWriter, texts: TextScan
 ) -> None:
-    """Write one split while its images are still being checked (the build fails anyway if texts are bad)."""
+    """Finish one split's pairs (written as the texts were parsed) and write its images while they are still being
+    checked; texts with problems stop here, as the build fails anyway."""
     if texts.problems:
+        pairs.abandon()
         return
-    imgs_path, texts_path = _split_files(data_dir, split)
+    imgs_path, _ = _split_files(data_dir, split)
     result.n_texts = texts.n_texts
-    result.n_pairs = _write_pairs(texts_path, split, tmp / "pairs", map_size or _estimate(texts_path, 3.0), None)
+    result.n_pairs = pairs.close()
     result.n_images = _write_images(imgs_path, split, tmp / "imgs", map_size or _estimate(imgs_path, 1.1), set())
 
 
@@ -656,10 +717,13 @@ def _build_speculative(
     for split in splits:
         tmp = stack.enter_context(atomic_dir(lmdb_dir / split, overwrite=True))
         result = SplitResult(split, lmdb_dir / split)
-        imgs_path, texts_path = _split_files(data_dir, split)
-
-        write = functools.partial(_write_ahead, data_dir, split, tmp, result, opts["map_size"])
-        plans.append(_plan_split(data_dir, split, opts["check_images"], pool, opts["workers"], while_scanning=write))
+        _, texts_path = _split_files(data_dir, split)
+        pairs = PairWriter(tmp / "pairs", opts["map_size"] or _estimate(texts_path, 3.0))
+        write = functools.partial(_write_ahead, data_dir, split, tmp, result, opts["map_size"], pairs)
+        plan = _plan_split(
+            data_dir, split, opts["check_images"], pool, opts["workers"], on_record=pairs.add, while_scanning=write
+        )
+        plans.append(plan)
         results.append(result)
     return plans, results
 

@@ -12,6 +12,7 @@ import argparse
 import re
 from collections.abc import Sequence
 
+from cn_clip.cli.args import add_build_validation_args
 from cn_clip.cli.runner import run_cli, setup_logging
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -33,29 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--splits", required=True, help="comma-separated splits, processed in this order")
     parser.add_argument("--lmdb_dir", default=None, help="output directory (default: {data_dir}/lmdb)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing {lmdb_dir}/{split} on success")
-    parser.add_argument("--skip-bad", action="store_true", help="drop bad rows (listed in build_report.json)")
-    parser.add_argument(
-        "--check-images",
-        nargs="?",
-        const="header",
-        default="header",
-        choices=("header", "full"),
-        help="check that every image opens in Pillow (default: header; 'full' decodes all pixels)",
-    )
-    parser.add_argument(
-        "--no-check-images",
-        dest="check_images",
-        action="store_const",
-        const="off",
-        help="only check the base64 text, not the image inside",
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="processes for image checks (default: cores - 1; this one writes)"
-    )
+    add_build_validation_args(parser)
     parser.add_argument(
         "--map-size", type=parse_size, default=None, help="initial LMDB map size, e.g. 4G (default: from input size)"
     )
-    parser.add_argument("--report", default=None, help="write the list of problems / dropped rows to this JSON file")
     return parser
 
 

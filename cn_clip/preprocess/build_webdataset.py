@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from cn_clip.cli.args import add_build_validation_args
 from cn_clip.cli.runner import run_cli, setup_logging
 from cn_clip.preprocess.build_lmdb_dataset import parse_size
 
@@ -28,12 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-bytes", type=parse_size, default=None, help="bytes per shard at most, e.g. 1GB")
     parser.add_argument("--source", choices=("auto", "raw", "lmdb"), default="auto", help="auto: raw files if present")
     parser.add_argument("--lmdb_dir", default=None, help="LMDB root for --source lmdb (default: {data_dir}/lmdb)")
-    parser.add_argument("--skip-bad", action="store_true", help="drop bad rows instead of failing")
-    parser.add_argument(
-        "--check-images", choices=("header", "full", "off"), default="header", help="as build_lmdb_dataset"
-    )
-    parser.add_argument("--workers", type=int, default=None, help="processes for image checks (default: cores - 1)")
-    parser.add_argument("--report", default=None, help="write the list of problems / dropped rows to this JSON file")
+    add_build_validation_args(parser)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -94,3 +95,67 @@ def test_local_primary_runs_first_while_the_others_wait(tmp_path: Path) -> None:
     script.write_text(LOCAL_PRIMARY_PROBE, encoding="utf-8")
     subprocess.run(_torchrun(2, str(script), str(log)), check=True, env=_env(), cwd=REPO, timeout=300)
     assert log.read_text().split("\n")[:4] == ["0 in", "0 out", "1 in", "1 out"]
+
+
+SHARD_PROBE = """
+import json, sys
+from cn_clip.data.loader import DataCfg, SplitCfg, get_data
+from cn_clip.runtime import cleanup, init_distributed
+env = init_distributed(device="cpu")
+info = get_data(DataCfg(SplitCfg(sys.argv[1], 3, 2), seed=5, shuffle_window=4), env.world_size, env.rank, 32)["train"]
+epochs = {}
+for epoch in (0, 1):
+    info.dataset.set_epoch(epoch)
+    epochs[epoch] = [key for batch in info.dataloader for key in batch[4].tolist()]
+with open(f"{sys.argv[2]}.{env.rank}", "w") as out:
+    json.dump({"world": env.world_size, "epochs": epochs}, out)
+cleanup(env)
+"""
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 pairs (12 images, two captions each) in 5 shards, from the LMDB builder's output."""
+    from cn_clip.data.lmdb_build import build_lmdb
+    from cn_clip.data.wds_build import build_webdataset
+    from tests.data.helpers import image_bytes, write_split
+
+    root = tmp_path_factory.mktemp("shards")
+    images = [(100 + i, image_bytes(i, "JPEG", size=(40, 32))) for i in range(12)]
+    texts = [
+        {"text_id": 2 * i + k, "text": f"第{i}张图片的说明{k}", "image_ids": [100 + i]}
+        for i in range(12)
+        for k in (0, 1)
+    ]
+    write_split(root, "train", images, texts)
+    build_lmdb(root, ["train"])
+    build_webdataset(root, ["train"], root / "wds", shard_size=5, source="lmdb")
+    return root / "wds" / "train.txt"
+
+
+def test_torchrun_two_ranks_two_workers_read_each_shard_sample_once(tmp_path: Path, shards: Path) -> None:
+    """Real processes: 2 torchrun ranks × 2 DataLoader workers over the shards read every pair exactly once per
+    epoch, in a new order each epoch."""
+    script, out = tmp_path / "probe.py", tmp_path / "keys"
+    script.write_text(SHARD_PROBE, encoding="utf-8")
+    subprocess.run(_torchrun(2, str(script), str(shards), str(out)), check=True, env=_env(), cwd=REPO, timeout=300)
+    ranks = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    every = set(ranks[0]["epochs"]["0"] + ranks[1]["epochs"]["0"])  # the pairs' key hashes
+    assert len(every) == 24
+    for epoch in ("0", "1"):
+        seen = ranks[0]["epochs"][epoch] + ranks[1]["epochs"][epoch]
+        assert len(seen) == 24 and set(seen) == every, epoch  # each pair once, on one rank
+        assert len(ranks[0]["epochs"][epoch]) == len(ranks[1]["epochs"][epoch]) == 12
+    assert ranks[0]["epochs"]["0"] != ranks[0]["epochs"]["1"]
+
+
+def test_torchrun_trains_from_shards(tmp_path: Path, shards: Path) -> None:
+    argv = tiny_args(tmp_path, "--save-step-frequency", "2", steps=3, data=str(shards), batch=3)
+    argv[argv.index("--num-workers") + 1] = "2"
+    subprocess.run(
+        _torchrun(2, "-m", "cn_clip.training.main", "--", *argv), check=True, env=_env(), cwd=REPO, timeout=300
+    )
+    log = next((tmp_path / "run").glob("out_*.log")).read_text()
+    assert "Global Batch Size: 6" in log and "webdataset" in log.lower()
+    assert latest_state(tmp_path)["module.logit_scale"].shape == ()
