@@ -5,14 +5,16 @@ Part 1 (load): a 100,000-image flat gallery of synthetic 512-d features served w
 base-chinese towers (random weights: released weights cannot be downloaded here; the cost of a forward pass does
 not depend on the weights). The server runs in its own process, built exactly as ``serve`` builds it (model and
 index loaded and warmed before the port opens). K client threads send requests for T seconds each phase: text
-queries (GET /api/search), then image uploads (POST /api/search, a 224×224 JPEG). Baseline in the same run: the
-same encode + search called in-process, one at a time, with no HTTP.
+queries (GET /api/search), then image uploads (POST /api/search, a 224×224 JPEG); then a second server whose text
+queries go through the exported ONNX text tower (``serve --text-onnx``, int8 by default). Baseline in the same run:
+the same encode + search called in-process, one at a time, with no HTTP.
 Part 2 (indexes): synthetic clustered features (rows around 1,000 centres, cosine ≈ 0.9 to their centre, as image
 features cluster by content), 100,000 × 512 for flat / ivf / hnsw, and 1,000,000 × 512 for the approximate types
 that fit the 1 GB goal. Memory is the serialised index size, which is what FAISS holds in RAM. recall@10 is
 against exact search for 1,000 queries (gallery rows plus noise), the same measure ``index`` stores.
 
-    .venv/bin/python benchmarks/serve.py [--clients 4] [--seconds 20] [--skip-load] [--skip-index] [--skip-1m]
+    .venv/bin/python benchmarks/serve.py [--clients 4] [--seconds 20] [--text-onnx int8] [--skip-load] [--skip-index]
+        [--skip-1m]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,16 +80,36 @@ def write_gallery(directory: Path, n: int) -> Path:
     return directory / "idx"
 
 
-def serve_child(index_dir: str, port: int, ready: multiprocessing.Event) -> None:
+def bench_model():
+    """The served model: ViT-B-16 towers, randomly initialised from a fixed seed (the same in every process)."""
+    import torch
+
+    from cn_clip.models.factory import create_model
+
+    torch.manual_seed(0)
+    return create_model(ARCH).eval()
+
+
+def export_text_tower(work: Path, precision: str) -> Path:
+    """``serve --text-onnx``'s input: the bench model's text tower exported to ONNX at ``precision``."""
+    from cn_clip.deploy import onnx_export as O
+
+    started = time.perf_counter()
+    O.export_encoder(bench_model(), "txt", work / "bench", precisions=(precision,), check=False)
+    print(f"exported the text tower ({precision}) in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return O.onnx_path(work / "bench", "txt", precision)
+
+
+def serve_child(index_dir: str, port: int, ready: multiprocessing.Event, text_onnx: str | None = None) -> None:
     """The server process: what ``serve`` does, with a randomly initialised model instead of a checkpoint."""
     import uvicorn
 
-    from cn_clip.models.factory import create_model
     from cn_clip.search.engine import SearchEngine
-    from cn_clip.search.serve import Limits, create_app
+    from cn_clip.search.serve import Limits, create_app, onnx_text_encoder
 
-    model = create_model(ARCH).eval()
-    engine = SearchEngine(index_dir, model, device="cpu")
+    model = bench_model()
+    text_encoder = onnx_text_encoder(text_onnx, model, "cpu", 52) if text_onnx else None
+    engine = SearchEngine(index_dir, model, device="cpu", text_encoder=text_encoder)
     engine.warm_up()
     app = create_app(engine, Limits(watch_interval=0))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
@@ -148,10 +171,9 @@ def load_phase(url: str, clients: int, seconds: float, kind: str) -> dict:
 def in_process_baseline(index_dir: Path, n: int, clients: int, seconds: float) -> dict:
     """The same work with no HTTP: one text at a time (median of ``n``), then ``clients`` threads for ``seconds``
     with micro-batching off (``max_batch`` 1) and on (32): what batching buys on this machine."""
-    from cn_clip.models.factory import create_model
     from cn_clip.search.engine import SearchEngine
 
-    engine = SearchEngine(index_dir, create_model(ARCH).eval(), device="cpu")
+    engine = SearchEngine(index_dir, bench_model(), device="cpu")
     engine.warm_up()
 
     def one(i: int) -> float:
@@ -179,27 +201,42 @@ def in_process_baseline(index_dir: Path, n: int, clients: int, seconds: float) -
     return out
 
 
-def run_load(args: argparse.Namespace, work: Path) -> list[str]:
-    index_dir = write_gallery(work, args.gallery)
+def start_server(index_dir: Path, text_onnx: Path | None) -> tuple[Any, str, float]:
+    """A server process on a free port of 127.0.0.1, once it listens: (process, base URL, start-up seconds)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     context = multiprocessing.get_context("spawn")
     ready = context.Event()
     started = time.perf_counter()
-    child = context.Process(target=serve_child, args=(str(index_dir), port, ready), daemon=True)
+    onnx = str(text_onnx) if text_onnx else None
+    child = context.Process(target=serve_child, args=(str(index_dir), port, ready, onnx), daemon=True)
     child.start()
     if not ready.wait(600):
         child.kill()
         raise RuntimeError("the server did not start in 10 minutes")
-    startup = time.perf_counter() - started
-    url = f"http://127.0.0.1:{port}"
+    return child, f"http://127.0.0.1:{port}", time.perf_counter() - started
+
+
+def run_load(args: argparse.Namespace, work: Path) -> list[str]:
+    index_dir = write_gallery(work, args.gallery)
+    child, url, startup = start_server(index_dir, None)
     try:
         phases = [load_phase(url, args.clients, args.seconds, kind) for kind in ("text", "image")]
         single = load_phase(url, 1, args.seconds / 2, "text")
     finally:
         child.kill()
         child.join()
+    onnx_rows = []
+    for precision in filter(None, args.text_onnx.split(",")):
+        child, url, _ = start_server(index_dir, export_text_tower(work, precision))
+        try:
+            for clients in (1, args.clients):
+                row = load_phase(url, clients, args.seconds / (2 if clients == 1 else 1), "text")
+                onnx_rows.append({**row, "kind": f"text (--text-onnx {precision})"})
+        finally:
+            child.kill()
+            child.join()
     baseline = in_process_baseline(index_dir, 50, args.clients, args.seconds / 2)
     lines = [
         f"### Load test: {args.gallery:,} images (flat), {ARCH}, CPU fp32; server start + warm-up {startup:.1f} s",
@@ -207,7 +244,7 @@ def run_load(args: argparse.Namespace, work: Path) -> list[str]:
         "| queries | clients | requests | errors | p50 ms | p95 ms | p99 ms | QPS |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in (single, *phases):
+    for row in (single, *phases, *onnx_rows):
         lines.append(
             f"| {row['kind']} → image | {row['clients']} | {row['requests']} | {row['errors']} | {row['p50']:.1f} "
             f"| {row['p95']:.1f} | {row['p99']:.1f} | {row['qps']:.1f} |"
@@ -284,6 +321,11 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4, help=f"concurrent clients K (at most {MAX_CLIENTS})")
     parser.add_argument("--seconds", type=float, default=20, help=f"seconds per phase T (at most {MAX_SECONDS})")
     parser.add_argument("--gallery", type=int, default=100_000, help="gallery size of the load test")
+    parser.add_argument(
+        "--text-onnx",
+        default="int8",
+        help="also serve text queries through these exported text towers (comma-separated fp32,fp16,int8; '' for none)",
+    )
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-index", action="store_true")
     parser.add_argument("--skip-1m", action="store_true", help="leave out the 1,000,000-row indexes")

@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arg(serve)
     add_precision_arg(serve)
     serve.set_defaults(precision="fp32")
+    serve.add_argument(
+        "--text-onnx",
+        default=None,
+        help="encode text queries with this exported text tower (*.txt.int8.onnx: ~7x faster on a CPU); checked "
+        "against the checkpoint at start",
+    )
     serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted (default 10)")
     serve.add_argument("--max-concurrency", type=int, default=32, help="requests in flight before 503 (default 32)")
     serve.add_argument(
@@ -184,6 +190,7 @@ def run_serve(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         limits=limits,
+        text_onnx=args.text_onnx,
     )
     serve(config)
     return 0

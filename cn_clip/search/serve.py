@@ -18,6 +18,7 @@ import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -59,6 +60,7 @@ class ServeConfig:
     device: str | None = None
     precision: str = "fp32"
     limits: Limits | None = None
+    text_onnx: str | None = None  # an exported text tower (*.txt.{fp32,fp16,int8}.onnx) for the text queries
 
 
 class ConcurrencyLimit:
@@ -334,9 +336,47 @@ def load_engine(config: ServeConfig) -> Any:
         except ImportError:
             raise ConfigError("--calibration needs cn_clip.eval.calibrate, which this install lacks") from None
         calibrator = Calibrator.load(config.calibration)
-    engine = SearchEngine(config.index, model, device=device, precision=config.precision, calibrator=calibrator)
+    text_encoder = None
+    if config.text_onnx:
+        text_encoder = onnx_text_encoder(config.text_onnx, model, device, meta.get("context_length", 52))
+    engine = SearchEngine(
+        config.index, model, device=device, precision=config.precision, calibrator=calibrator, text_encoder=text_encoder
+    )
     engine.warm_up()
     return engine
+
+
+def onnx_text_encoder(path: str, model: Any, device: str, context_length: int) -> Any:
+    """The ONNX text tower at ``path``, checked against ``model``'s own on the deployment parity captions: a graph
+    exported from another checkpoint (or tower) is refused, naming the cosine it reached."""
+    import numpy as np
+
+    from cn_clip.deploy import onnx_export as O
+    from cn_clip.eval import features as F
+    from cn_clip.tokenizer import get_tokenizer
+
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"--text-onnx {path}: no such file (export one with python -m cn_clip.deploy.pytorch_to_onnx)"
+        )
+    encoder = F.OnnxEncoder(path, device)
+    if not encoder.is_text:
+        raise ConfigError(f"--text-onnx {path}: this graph takes images, not token ids")
+    tokens = get_tokenizer(model.cfg)(list(O.PARITY_CAPTIONS), context_length)
+    expected = F.TorchEncoder(model.encode_text, device, "fp32")(tokens)
+    actual = encoder(tokens)
+    if actual.shape != expected.shape:
+        raise ConfigError(f"--text-onnx {path}: features of shape {actual.shape[1:]}, the index's model gives "
+                          f"{expected.shape[1:]}")  # fmt: skip
+    cosine = np.sum(F.l2_normalize(expected) * F.l2_normalize(actual), axis=1)
+    floor = min(O.MIN_COSINE.values())
+    if float(cosine.min()) < floor:
+        raise ConfigError(
+            f"--text-onnx {path}: its features differ from the index's checkpoint (cosine {cosine.min():.4f} < "
+            f"{floor}); export the text tower of that checkpoint"
+        )
+    _logger.info("text queries through %s (cosine to PyTorch >= %.5f)", path, cosine.min())
+    return encoder
 
 
 def serve(config: ServeConfig) -> None:
