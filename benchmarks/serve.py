@@ -5,15 +5,15 @@ Part 1 (load): a 100,000-image flat gallery of synthetic 512-d features served w
 base-chinese towers (random weights: released weights cannot be downloaded here; the cost of a forward pass does
 not depend on the weights). The server runs in its own process, built exactly as ``serve`` builds it (model and
 index loaded and warmed before the port opens). K client threads send requests for T seconds each phase: text
-queries (GET /api/search), then image uploads (POST /api/search, a 224×224 JPEG); then a second server whose text
-queries go through the exported ONNX text tower (``serve --text-onnx``, int8 by default). Baseline in the same run:
+queries (GET /api/search), then image uploads (POST /api/search, a 224×224 JPEG); then a second server whose queries go
+through the exported ONNX towers (``serve --text-onnx/--image-onnx``, int8 by default). Baseline in the same run:
 the same encode + search called in-process, one at a time, with no HTTP.
 Part 2 (indexes): synthetic clustered features (rows around 1,000 centres, cosine ≈ 0.9 to their centre, as image
 features cluster by content), 100,000 × 512 for flat / ivf / hnsw, and 1,000,000 × 512 for the approximate types
 that fit the 1 GB goal. Memory is the serialised index size, which is what FAISS holds in RAM. recall@10 is
 against exact search for 1,000 queries (gallery rows plus noise), the same measure ``index`` stores.
 
-    .venv/bin/python benchmarks/serve.py [--clients 4] [--seconds 20] [--text-onnx int8] [--skip-load] [--skip-index]
+    .venv/bin/python benchmarks/serve.py [--clients 4] [--seconds 20] [--onnx int8] [--skip-load] [--skip-index]
         [--skip-1m]
 """
 
@@ -90,26 +90,31 @@ def bench_model():
     return create_model(ARCH).eval()
 
 
-def export_text_tower(work: Path, precision: str) -> Path:
-    """``serve --text-onnx``'s input: the bench model's text tower exported to ONNX at ``precision``."""
+def export_towers(work: Path, precision: str) -> dict[str, str]:
+    """``serve --text-onnx/--image-onnx``'s inputs: the bench model's towers exported to ONNX at ``precision``."""
     from cn_clip.deploy import onnx_export as O
 
-    started = time.perf_counter()
-    O.export_encoder(bench_model(), "txt", work / "bench", precisions=(precision,), check=False)
-    print(f"exported the text tower ({precision}) in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    return O.onnx_path(work / "bench", "txt", precision)
+    model = bench_model()
+    paths = {}
+    for kind in ("txt", "img"):
+        started = time.perf_counter()
+        O.export_encoder(model, kind, work / "bench", precisions=(precision,), check=False)
+        print(f"exported the {kind} tower ({precision}) in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        paths[kind] = str(O.onnx_path(work / "bench", kind, precision))
+    return paths
 
 
-def serve_child(index_dir: str, port: int, ready: multiprocessing.Event, text_onnx: str | None = None) -> None:
+def serve_child(index_dir: str, port: int, ready: multiprocessing.Event, onnx: dict[str, str] | None = None) -> None:
     """The server process: what ``serve`` does, with a randomly initialised model instead of a checkpoint."""
     import uvicorn
 
     from cn_clip.search.engine import SearchEngine
-    from cn_clip.search.serve import Limits, create_app, onnx_text_encoder
+    from cn_clip.search.serve import Limits, create_app, onnx_encoder
 
     model = bench_model()
-    text_encoder = onnx_text_encoder(text_onnx, model, "cpu", 52) if text_onnx else None
-    engine = SearchEngine(index_dir, model, device="cpu", text_encoder=text_encoder)
+    names = {"txt": "text_encoder", "img": "image_encoder"}
+    encoders = {names[kind]: onnx_encoder(path, model, "cpu", kind) for kind, path in (onnx or {}).items()}
+    engine = SearchEngine(index_dir, model, device="cpu", **encoders)
     engine.warm_up()
     app = create_app(engine, Limits(watch_interval=0))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
@@ -201,7 +206,7 @@ def in_process_baseline(index_dir: Path, n: int, clients: int, seconds: float) -
     return out
 
 
-def start_server(index_dir: Path, text_onnx: Path | None) -> tuple[Any, str, float]:
+def start_server(index_dir: Path, onnx: dict[str, str] | None) -> tuple[Any, str, float]:
     """A server process on a free port of 127.0.0.1, once it listens: (process, base URL, start-up seconds)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -209,7 +214,6 @@ def start_server(index_dir: Path, text_onnx: Path | None) -> tuple[Any, str, flo
     context = multiprocessing.get_context("spawn")
     ready = context.Event()
     started = time.perf_counter()
-    onnx = str(text_onnx) if text_onnx else None
     child = context.Process(target=serve_child, args=(str(index_dir), port, ready, onnx), daemon=True)
     child.start()
     if not ready.wait(600):
@@ -228,12 +232,12 @@ def run_load(args: argparse.Namespace, work: Path) -> list[str]:
         child.kill()
         child.join()
     onnx_rows = []
-    for precision in filter(None, args.text_onnx.split(",")):
-        child, url, _ = start_server(index_dir, export_text_tower(work, precision))
+    for precision in filter(None, args.onnx.split(",")):
+        child, url, _ = start_server(index_dir, export_towers(work, precision))
         try:
-            for clients in (1, args.clients):
-                row = load_phase(url, clients, args.seconds / (2 if clients == 1 else 1), "text")
-                onnx_rows.append({**row, "kind": f"text (--text-onnx {precision})"})
+            for kind, clients in (("text", 1), ("text", args.clients), ("image", args.clients)):
+                row = load_phase(url, clients, args.seconds / (2 if clients == 1 else 1), kind)
+                onnx_rows.append({**row, "kind": f"{kind} (--{kind}-onnx {precision})"})
         finally:
             child.kill()
             child.join()
@@ -322,9 +326,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20, help=f"seconds per phase T (at most {MAX_SECONDS})")
     parser.add_argument("--gallery", type=int, default=100_000, help="gallery size of the load test")
     parser.add_argument(
-        "--text-onnx",
+        "--onnx",
         default="int8",
-        help="also serve text queries through these exported text towers (comma-separated fp32,fp16,int8; '' for none)",
+        help="also serve queries through the exported towers at these precisions (--text-onnx/--image-onnx; "
+        "comma-separated fp32,fp16,int8; '' for none)",
     )
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-index", action="store_true")

@@ -12,7 +12,7 @@ The LoRA variants (``lora``, ``lora-ckpt``: r = 16 on both towers' attention, on
 trainable parameters and the optimizer (Adam) state after the warm-up step, against full fine-tuning (``base``).
 
     .venv/bin/python benchmarks/train_step.py [--archs ViT-B-16 RN50] [--batches 8] [--steps 2]
-        [--variants ref base flip ckpt local lora lora-ckpt] [--ref-python /work/refvenv/bin/python]
+        [--variants ref base flip ckpt local lora lora-ckpt] [--ref-python .refvenv/bin/python]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import reference  # benchmarks/reference.py: where the reference venv is
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = {"ViT-B-16": "ViT-B-16@RoBERTa-wwm-ext-base-chinese", "RN50": "RN50@RBT3-chinese"}
@@ -188,7 +190,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["ref", "base", "flip", "ckpt"], choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--ref-python", default="/work/refvenv/bin/python")
+    parser.add_argument("--ref-python", default=reference.REF_PYTHON)
     args = parser.parse_args()
     print(f"# train_step on {machine()}, device {args.device}, fp32, {args.steps} timed steps after 1 warm-up")
     print("| model | batch | variant | s/step (median) | samples/s | act MiB | peak MiB | trainable | Adam state MiB |")

@@ -61,10 +61,16 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp.add_module("gelu", QuickGELU() if act == "quick_gelu" else nn.GELU())
         self.mlp.add_module("c_proj", nn.Linear(width * 4, width))
         self.ln_2 = LayerNormFp32(width)
+        # Recompute the MLP in backward instead of keeping its 4x-wide hidden activations: set by LoRA when the MLP
+        # is frozen, where those activations are most of what a step stores (docs/adaptation.md).
+        self.recompute_mlp = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        h = self.ln_2(x)
+        if self.recompute_mlp and torch.is_grad_enabled() and h.requires_grad:
+            return x + checkpoint(self.mlp, h, use_reentrant=False)
+        return x + self.mlp(h)
 
 
 class Transformer(nn.Module):

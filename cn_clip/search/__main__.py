@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="encode text queries with this exported text tower (*.txt.int8.onnx: ~7x faster on a CPU); checked "
         "against the checkpoint at start",
     )
+    serve.add_argument(
+        "--image-onnx",
+        default=None,
+        help="encode uploaded query images with this exported image tower (*.img.int8.onnx); checked at start",
+    )
     serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted (default 10)")
     serve.add_argument("--max-concurrency", type=int, default=32, help="requests in flight before 503 (default 32)")
     serve.add_argument(
@@ -191,6 +196,7 @@ def run_serve(args: argparse.Namespace) -> int:
         precision=args.precision,
         limits=limits,
         text_onnx=args.text_onnx,
+        image_onnx=args.image_onnx,
     )
     serve(config)
     return 0

@@ -127,6 +127,7 @@ class SearchEngine:
         max_batch: int = 32,
         thumbnail_cache: int = 2048,
         text_encoder: F.Encoder | None = None,
+        image_encoder: F.Encoder | None = None,
     ) -> None:
         from cn_clip.transforms import image_transform
 
@@ -138,9 +139,9 @@ class SearchEngine:
         self.precision = precision
         self.calibrator = calibrator
         self.transform = image_transform(self.gallery.meta["resolution"])
-        # Queries are short and one at a time: an exported ONNX text tower (--text-onnx) is 3-7x faster on a CPU.
+        # Queries come one at a time: exported ONNX towers (--text-onnx, --image-onnx) are 3-7x faster on a CPU.
         self.text_encoder = text_encoder or F.TorchEncoder(model.encode_text, device, precision)
-        self.image_encoder = F.TorchEncoder(model.encode_image, device, precision)
+        self.image_encoder = image_encoder or F.TorchEncoder(model.encode_image, device, precision)
         self.batcher = MicroBatcher(self._encode_texts, max_batch)
         self._reload_lock = threading.Lock()
         self._thumbs: OrderedDict[tuple, tuple[bytes, str]] = OrderedDict()

@@ -61,6 +61,7 @@ class ServeConfig:
     precision: str = "fp32"
     limits: Limits | None = None
     text_onnx: str | None = None  # an exported text tower (*.txt.{fp32,fp16,int8}.onnx) for the text queries
+    image_onnx: str | None = None  # an exported image tower (*.img.*.onnx) for uploaded query images
 
 
 class ConcurrencyLimit:
@@ -336,46 +337,55 @@ def load_engine(config: ServeConfig) -> Any:
         except ImportError:
             raise ConfigError("--calibration needs cn_clip.eval.calibrate, which this install lacks") from None
         calibrator = Calibrator.load(config.calibration)
-    text_encoder = None
+    encoders = {}
     if config.text_onnx:
-        text_encoder = onnx_text_encoder(config.text_onnx, model, device, meta.get("context_length", 52))
+        encoders["text_encoder"] = onnx_encoder(config.text_onnx, model, device, "txt", meta.get("context_length", 52))
+    if config.image_onnx:
+        encoders["image_encoder"] = onnx_encoder(config.image_onnx, model, device, "img")
     engine = SearchEngine(
-        config.index, model, device=device, precision=config.precision, calibrator=calibrator, text_encoder=text_encoder
+        config.index, model, device=device, precision=config.precision, calibrator=calibrator, **encoders
     )
     engine.warm_up()
     return engine
 
 
-def onnx_text_encoder(path: str, model: Any, device: str, context_length: int) -> Any:
-    """The ONNX text tower at ``path``, checked against ``model``'s own on the deployment parity captions: a graph
-    exported from another checkpoint (or tower) is refused, naming the cosine it reached."""
+def onnx_encoder(path: str, model: Any, device: str, kind: str, context_length: int = 52) -> Any:
+    """The exported ONNX ``kind`` tower ("txt" or "img") at ``path``, checked against ``model``'s own on the
+    deployment parity inputs (captions, a real and a random image): a graph exported from another checkpoint or of
+    the other tower is refused, naming the cosine it reached."""
     import numpy as np
 
     from cn_clip.deploy import onnx_export as O
     from cn_clip.eval import features as F
     from cn_clip.tokenizer import get_tokenizer
 
+    flag = "--text-onnx" if kind == "txt" else "--image-onnx"
     if not Path(path).is_file():
-        raise ConfigError(
-            f"--text-onnx {path}: no such file (export one with python -m cn_clip.deploy.pytorch_to_onnx)"
-        )
+        raise ConfigError(f"{flag} {path}: no such file (export one with python -m cn_clip.deploy.pytorch_to_onnx)")
     encoder = F.OnnxEncoder(path, device)
-    if not encoder.is_text:
-        raise ConfigError(f"--text-onnx {path}: this graph takes images, not token ids")
-    tokens = get_tokenizer(model.cfg)(list(O.PARITY_CAPTIONS), context_length)
-    expected = F.TorchEncoder(model.encode_text, device, "fp32")(tokens)
-    actual = encoder(tokens)
+    if encoder.is_text != (kind == "txt"):
+        takes = "token ids" if encoder.is_text else "images"
+        raise ConfigError(f"{flag} {path}: this graph takes {takes}; give the {kind} graph (*.{kind}.*.onnx)")
+    if kind == "txt":
+        inputs = get_tokenizer(model.cfg)(list(O.PARITY_CAPTIONS), context_length)
+        expected = F.TorchEncoder(model.encode_text, device, "fp32")(inputs)
+    else:
+        import torch
+
+        inputs = torch.cat(O.parity_inputs(model, "img"))
+        expected = F.TorchEncoder(model.encode_image, device, "fp32")(inputs)
+    actual = encoder(inputs)
     if actual.shape != expected.shape:
-        raise ConfigError(f"--text-onnx {path}: features of shape {actual.shape[1:]}, the index's model gives "
+        raise ConfigError(f"{flag} {path}: features of shape {actual.shape[1:]}, the index's model gives "
                           f"{expected.shape[1:]}")  # fmt: skip
     cosine = np.sum(F.l2_normalize(expected) * F.l2_normalize(actual), axis=1)
     floor = min(O.MIN_COSINE.values())
     if float(cosine.min()) < floor:
         raise ConfigError(
-            f"--text-onnx {path}: its features differ from the index's checkpoint (cosine {cosine.min():.4f} < "
-            f"{floor}); export the text tower of that checkpoint"
+            f"{flag} {path}: its features differ from the index's checkpoint (cosine {cosine.min():.4f} < "
+            f"{floor}); export that checkpoint's {'text' if kind == 'txt' else 'image'} tower"
         )
-    _logger.info("text queries through %s (cosine to PyTorch >= %.5f)", path, cosine.min())
+    _logger.info("%s queries through %s (cosine to PyTorch >= %.5f)", kind, path, cosine.min())
     return encoder
 
 

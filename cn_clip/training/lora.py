@@ -113,6 +113,9 @@ def _inject_vision(model: nn.Module, cfg: LoraCfg) -> None:
 
     if model.is_vit:
         for block in visual.transformer.resblocks:
+            # A frozen MLP needs its hidden activations only to pass gradients back to earlier adapters: recomputing
+            # them (one extra c_fc + GELU per block) is cheaper than storing 4x-wide tensors for every block.
+            block.recompute_mlp = "mlp" not in cfg.targets
             if "attn" in cfg.targets:
                 weight = block.attn.in_proj_weight
                 block.attn.in_proj_lora = PackedLora(weight.shape[1], cfg.r, cfg.scaling, cfg.dropout, weight.dtype)

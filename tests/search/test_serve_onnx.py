@@ -1,5 +1,5 @@
-"""``serve --text-onnx``: text queries through an exported ONNX text tower rank like the PyTorch tower, and a graph
-that does not belong to the index's checkpoint is refused before the port opens."""
+"""``serve --text-onnx/--image-onnx``: queries through exported ONNX towers rank like the PyTorch towers, and a graph
+that does not belong to the index's checkpoint (or is the other tower) is refused before the port opens."""
 
 from __future__ import annotations
 
@@ -70,11 +70,38 @@ def test_onnx_text_queries_rank_like_pytorch(exported: dict[str, Path]) -> None:
         torch_engine.close()
 
 
+def test_onnx_image_queries_rank_like_pytorch(exported: dict[str, Path]) -> None:
+    import io
+
+    from PIL import Image
+
+    from tests.helpers import png_bytes
+
+    index = str(exported["index"])
+    torch_engine = load_engine(ServeConfig(index=index, device="cpu"))
+    onnx_engine = load_engine(ServeConfig(index=index, device="cpu", image_onnx=str(exported["image"])))
+    try:
+        for seed in (3, 7):
+            image = Image.open(io.BytesIO(png_bytes(seed)))
+            expected, actual = torch_engine.encode_image(image), onnx_engine.encode_image(image)
+            np.testing.assert_allclose(actual, expected, atol=1e-5)
+            hits = [h.row for h in onnx_engine.search(onnx_engine.gallery, actual, 10, 0)]
+            assert hits == [h.row for h in torch_engine.search(torch_engine.gallery, expected, 10, 0)]
+    finally:
+        onnx_engine.close()
+        torch_engine.close()
+
+
 @pytest.mark.parametrize(
-    ("graph", "message"),
-    [("other", "differ from the index's checkpoint"), ("image", "takes images"), ("missing", "no such file")],
+    ("flag", "graph", "message"),
+    [
+        ("text_onnx", "other", "differ from the index's checkpoint"),
+        ("text_onnx", "image", "takes images; give the txt graph"),
+        ("image_onnx", "fp32", "takes token ids; give the img graph"),
+        ("text_onnx", "missing", "--text-onnx .*: no such file"),
+    ],
 )
-def test_a_foreign_graph_is_refused(exported: dict[str, Path], graph: str, message: str) -> None:
+def test_a_foreign_graph_is_refused(exported: dict[str, Path], flag: str, graph: str, message: str) -> None:
     path = exported.get(graph, exported["index"] / "missing.onnx")
     with pytest.raises(ConfigError, match=message):
-        load_engine(ServeConfig(index=str(exported["index"]), device="cpu", text_onnx=str(path)))
+        load_engine(ServeConfig(index=str(exported["index"]), device="cpu", **{flag: str(path)}))

@@ -331,3 +331,45 @@ def test_lora_under_deepspeed_zero2(tmp_path: Path) -> None:
     assert "optimizer state is restored from the DeepSpeed checkpoint" in log and "Global Steps: 3/3" in log
     extra = _ckpt(tmp_path)["cn_clip"]["lora"]
     assert all(torch.equal(extra["base"][k], first["cn_clip"]["lora"]["base"][k]) for k in extra["base"])
+
+
+def _saved_bytes_and_grads(model: torch.nn.Module, images: torch.Tensor) -> tuple[int, dict[str, torch.Tensor]]:
+    """Bytes autograd keeps for one image-tower backward (distinct storages), and the adapters' gradients."""
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tensor, torch.nn.Parameter):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss = model.encode_image(images).square().sum()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return sum(storages.values()), grads
+
+
+def test_frozen_vit_mlps_are_recomputed_with_the_same_gradients() -> None:
+    """LoRA on attention only leaves the ViT MLPs frozen: they are recomputed in backward, which keeps less and gives
+    bit-identical adapter gradients."""
+    torch.manual_seed(0)
+    model = create_model(ARCHS[0]).train()
+    attach(model, LoraCfg(r=RANK, alpha=4.0, targets=("attn",)), seed=0)
+    with torch.no_grad():  # non-zero B, so gradients reach every adapter
+        for name, param in adapter_parameters(model).items():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    blocks = model.visual.transformer.resblocks
+    assert all(block.recompute_mlp for block in blocks)
+    images = torch.randn(4, 3, model.cfg.vision.image_resolution, model.cfg.vision.image_resolution)
+    recomputed, grads = _saved_bytes_and_grads(model, images)
+    for block in blocks:
+        block.recompute_mlp = False
+    stored, expected = _saved_bytes_and_grads(model, images)
+    assert grads.keys() == expected.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert torch.equal(grad, expected[name]), name
+    assert recomputed < 0.8 * stored, (recomputed, stored)
+    attach(mlp_model := create_model(ARCHS[0]), LoraCfg(r=RANK, alpha=4.0, targets=("attn", "mlp")), seed=0)
+    assert not any(block.recompute_mlp for block in mlp_model.visual.transformer.resblocks)  # trained MLPs: stored
