@@ -18,6 +18,7 @@ from cn_clip.cli.args import (
     add_debug_arg,
     add_device_arg,
     add_image_reader_args,
+    add_matryoshka_dim_arg,
     add_model_args,
     extract_options,
 )
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug_arg(parser)
     extra = parser.add_argument_group("cn_clip additions")
     add_image_reader_args(extra)
+    add_matryoshka_dim_arg(extra)
     return parser
 
 
@@ -56,6 +58,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cn_clip.eval import features as F
+    from cn_clip.models.matryoshka import check_dim
     from cn_clip.models.registry import get_model_config
     from cn_clip.runtime import resolve_device
     from cn_clip.tokenizer import get_tokenizer
@@ -66,15 +69,22 @@ def run(args: argparse.Namespace) -> int:
     image_default, text_default = F.default_output_paths(args.text_data)
     architecture = f"{args.vision_model}@{args.text_model}"
     opts = extract_options(args, tokenizer=get_tokenizer(architecture) if args.extract_text_feats else None)
+    config = get_model_config(architecture)
+    if args.dim is not None:
+        check_dim(args.dim, config.embed_dim)
+
+    def encoder(path: str) -> F.Encoder:
+        onnx = F.OnnxEncoder(path, args.device)
+        return onnx if args.dim is None else F.PrefixEncoder(onnx, args.dim)
+
     jobs = []
     if args.extract_text_feats:
-        encoder = F.OnnxEncoder(args.onnx_text_model, args.device)
-        jobs.append(F.FeatureJob("text", encoder, args.text_data, args.text_feat_output_path or text_default))
+        output = args.text_feat_output_path or text_default
+        jobs.append(F.FeatureJob("text", encoder(args.onnx_text_model), args.text_data, output))
     if args.extract_image_feats:
-        encoder = F.OnnxEncoder(args.onnx_image_model, args.device)
-        resolution = get_model_config(architecture).vision.image_resolution
+        resolution = config.vision.image_resolution
         output = args.image_feat_output_path or image_default
-        jobs.append(F.FeatureJob("image", encoder, args.image_data, output, resolution))
+        jobs.append(F.FeatureJob("image", encoder(args.onnx_image_model), args.image_data, output, resolution))
     F.extract_files(jobs, opts, announce=print)
     return 0
 

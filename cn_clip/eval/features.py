@@ -99,6 +99,22 @@ class TorchEncoder:
             return self.fn(batch)
 
 
+class PrefixEncoder:
+    """The first ``dim`` coordinates of another encoder's features, re-normalised: Matryoshka ``--dim`` for ONNX
+    graphs, which always output the full width (:func:`cn_clip.models.matryoshka.truncate`)."""
+
+    def __init__(self, inner: Encoder, dim: int) -> None:
+        self.inner, self.dim = inner, dim
+        self.pin_memory = getattr(inner, "pin_memory", False)
+
+    def __call__(self, batch: Any) -> Any:
+        import torch
+
+        from cn_clip.models.matryoshka import truncate
+
+        return truncate(torch.as_tensor(self.inner(batch)), self.dim)
+
+
 class OnnxEncoder:
     """An ONNX Runtime session as an encoder (e.g. ``*.img.fp32.onnx`` with input ``image``, output
     ``unnorm_image_features``), built by :func:`cn_clip.deploy.onnx_export.create_session`. Fixed batch or

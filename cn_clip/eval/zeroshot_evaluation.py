@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from cn_clip.cli.args import (
     add_context_length_arg,
     add_device_arg,
+    add_matryoshka_dim_arg,
     add_model_args,
     add_num_workers_arg,
     add_precision_arg,
@@ -28,6 +30,7 @@ from cn_clip.errors import ConfigError
 from cn_clip.eval import features as F
 from cn_clip.eval import zeroshot as Z
 from cn_clip.fileio import atomic_write
+from cn_clip.models.matryoshka import check_dim
 from cn_clip.runtime import resolve_device
 from cn_clip.tokenizer import get_tokenizer
 
@@ -60,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--text-batch-size", type=int, default=512, help="texts per batch for the classifier")
     add_device_arg(extra)
     add_progress_arg(extra)
+    add_matryoshka_dim_arg(extra)
     return parser
 
 
@@ -86,9 +90,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     model, _ = F.load_eval_model(
         architecture, args.resume, device, args.precision, print, args.context_length, args.interpolate_positions
     )
+    if args.dim is not None:
+        check_dim(args.dim, model.cfg.embed_dim)
     folder = Z.open_image_folder(args.datapath, model.cfg.vision.image_resolution, len(classnames))
     print("Building zero-shot classifier")
-    text_encoder = F.TorchEncoder(model.encode_text, device, args.precision)
+    text_encoder = F.TorchEncoder(partial(model.encode_text, dim=args.dim), device, args.precision)
     progress = not args.no_progress
     classifier = Z.build_classifier(
         text_encoder,
@@ -102,7 +108,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     print("Using classifier")
     batches = F.sequential_batches(len(folder), args.img_batch_size)
     workers = args.num_workers
-    encoder = F.TorchEncoder(model.encode_image, device, args.precision)
+    encoder = F.TorchEncoder(partial(model.encode_image, dim=args.dim), device, args.precision)
     images = F.extract_dataset(
         encoder, Z.TargetFirst(folder), batches, num_workers=workers, desc="images", progress=progress
     )

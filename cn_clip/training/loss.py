@@ -172,11 +172,9 @@ class SigLipLoss(ClipLoss):
         return loss, acc
 
     def _text_accuracy(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """In-batch text→image top-1 over all N images (images gathered without grad, in rank order)."""
-        parts = self.gather(image.detach(), False) if self.aggregate else [image.detach()]
-        all_image = torch.cat(parts, dim=0)
-        rank = self.rank if self.aggregate else 0
-        labels = torch.arange(text.shape[0], device=text.device) + rank * text.shape[0]
+        """In-batch text→image top-1 over all N images (gathered without grad)."""
+        all_image, offset = self.gather_all(image.detach(), with_grad=False)
+        labels = torch.arange(text.shape[0], device=text.device) + offset
         return ((text.detach() @ all_image.t()).argmax(-1) == labels).float().mean()
 
 

@@ -75,3 +75,30 @@ def test_unknown_job_kind_is_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown feature job kind 'audio'"):
         F.extract_files([job], F.ExtractOptions(progress=False))
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_onnx_extractor_dim_equals_the_torch_extractor(
+    exported: dict[str, Path], vit_ckpt: Path, tmp_path: Path
+) -> None:
+    """``extract_features_onnx --dim k`` cuts the graphs' full-width outputs as ``extract_features --dim k`` does."""
+    from cn_clip.eval.extract_features import main as torch_main
+    from cn_clip.eval.extract_features_onnx import main as onnx_main
+    from cn_clip.eval.featio import read_features
+    from tests.helpers import TINY_FLAGS
+
+    root = exported["root"]
+    data = ["--extract-image-feats", "--extract-text-feats", "--image-data", str(root / "lmdb/valid/imgs"),
+            "--text-data", str(root / "valid_texts.jsonl"), "--num-workers", "0", "--no-progress", "--device", "cpu",
+            "--dim", "16", *TINY_FLAGS]  # fmt: skip
+    outputs = {}
+    for name, main, extra in (
+        ("torch", torch_main, ["--resume", str(vit_ckpt)]),
+        ("onnx", onnx_main, ["--onnx-image-model", str(exported["img"]), "--onnx-text-model", str(exported["txt"])]),
+    ):
+        out = tmp_path / name
+        paths = ["--image-feat-output-path", str(out / "i.jsonl"), "--text-feat-output-path", str(out / "t.jsonl")]
+        assert main([*data, *extra, *paths]) == 0
+        outputs[name] = [read_features(out / "i.jsonl", "image_id"), read_features(out / "t.jsonl", "text_id")]
+    for by_torch, by_onnx in zip(outputs["torch"], outputs["onnx"], strict=True):
+        assert by_onnx.ids == by_torch.ids and by_onnx.matrix.shape[1] == 16
+        np.testing.assert_allclose(by_onnx.matrix, by_torch.matrix, atol=1e-5, rtol=0)

@@ -42,8 +42,10 @@ def _printed(out: str) -> dict[str, float]:
     return {k: float(v) for k, v in (line.split(": ") for line in out.splitlines() if line.startswith("zeroshot-"))}
 
 
-def _brute_force(folder: dict[str, Path], templates: list[str], scale: float = 100.0) -> tuple[np.ndarray, list]:
-    """One text and one image at a time, straight from the files: probs [N, C] and targets."""
+def _brute_force(
+    folder: dict[str, Path], templates: list[str], scale: float = 100.0, dim: int | None = None
+) -> tuple[np.ndarray, list]:
+    """One text and one image at a time, straight from the files: probs [N, C] and targets (``dim``: Matryoshka)."""
     from PIL import Image
 
     from cn_clip.models.factory import create_model
@@ -55,7 +57,8 @@ def _brute_force(folder: dict[str, Path], templates: list[str], scale: float = 1
     with torch.no_grad():
         columns = []
         for name in LABELS:
-            rows = [norm(model.encode_text(tokenize([normalize_text(t.replace("{c}", name))])))[0] for t in templates]
+            texts = [tokenize([normalize_text(t.replace("{c}", name))]) for t in templates]
+            rows = [norm(model.encode_text(text, dim=dim))[0] for text in texts]
             mean = torch.stack(rows).mean(0)
             columns.append(mean / mean.norm())
         classifier = torch.stack(columns, 1)
@@ -63,7 +66,7 @@ def _brute_force(folder: dict[str, Path], templates: list[str], scale: float = 1
         for c in range(len(LABELS)):
             for path in sorted((folder["root"] / "test" / str(c)).iterdir()):
                 image = image_transform(64)(Image.open(path).convert("RGB"))[None]
-                probs.append((scale * norm(model.encode_image(image)) @ classifier).softmax(-1)[0].numpy())
+                probs.append((scale * norm(model.encode_image(image, dim=dim)) @ classifier).softmax(-1)[0].numpy())
                 targets.append(c)
     return np.stack(probs), targets
 
@@ -198,3 +201,16 @@ def test_bad_template_file_names_the_line(tmp_path: Path, folder: dict[str, Path
     (tmp_path / "t.txt").write_text("{c}的照片\n没有占位符\n", encoding="utf-8")
     assert _run(folder, tmp_path, "--templates", str(tmp_path / "t.txt")) == 2
     assert "t.txt:2: template '没有占位符' has no {c}" in capsys.readouterr().err
+
+
+def test_dim_keeps_the_first_coordinates(folder: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """``--dim k``: classifier and image features both cut to their first k coordinates and re-normalised (the brute
+    force with ``encode_*(dim=k)``); a width beyond embed_dim is one line."""
+    assert _run(folder, tmp_path, "--templates", "food", "--dim", "8") == 0
+    printed = _printed(capsys.readouterr().out)
+    probs, targets = _brute_force(folder, Z.template_sets()["food"], dim=8)
+    assert printed == pytest.approx(_naive_metrics(probs, targets), abs=1e-12)
+    predictions = json.loads((tmp_path / "tiny.json").read_text())["predictions"][0]
+    np.testing.assert_allclose(predictions, probs, atol=5e-6)  # 8-d cosines × 100: batched float32 sums differ more
+    assert _run(folder, tmp_path / "bad", "--dim", "65") == 2
+    assert "--dim 65: must be an integer between 1 and the model's embed_dim 64" in capsys.readouterr().err
