@@ -96,9 +96,14 @@ def _id(value: Any, default: str) -> formats.Id:
 
 
 def read_records(
-    path: str, img_key: str = DEFAULT_IMG_KEY, caption_key: str = DEFAULT_CAPTION_KEY, separator: str | None = None
+    path: str,
+    img_key: str = DEFAULT_IMG_KEY,
+    caption_key: str = DEFAULT_CAPTION_KEY,
+    separator: str | None = None,
+    need_captions: bool = True,
 ) -> list[tuple[str, formats.Id, formats.Id, str]]:
-    """Every pair of a list file as ``(image location, image_id, text_id, caption)``, in file order."""
+    """Every pair of a list file as ``(image location, image_id, text_id, caption)``, in file order. With
+    ``need_captions=False`` (reading images only) the caption column may be absent: one record per row, caption ""."""
     try:
         text = read_bytes(path).decode("utf-8-sig")
     except FileNotFoundError:
@@ -109,12 +114,12 @@ def read_records(
     rows = _jsonl_rows(path, text) if jsonl else _csv_rows(path, text, separator or default_separator(path))
     records = []
     for line_no, row in rows:
-        for key in (img_key, caption_key):
+        for key in (img_key, caption_key) if need_captions else (img_key,):
             if key not in row or row[key] in (None, ""):
                 columns = ", ".join(map(str, row)) or "none"
                 hint = "see --csv-img-key/--csv-caption-key"
                 raise DataError(f"{path}:{line_no}: no {key!r} value (columns: {columns}; {hint})")
-        captions = row[caption_key]
+        captions = row[caption_key] if need_captions else ""
         captions = [captions] if isinstance(captions, str) else captions
         if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions) or not captions:
             raise DataError(f"{path}:{line_no}: {caption_key!r} must be a caption or a list of captions")

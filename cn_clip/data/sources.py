@@ -35,7 +35,7 @@ class ListImages:
         from cn_clip.data.filelist import read_records
 
         seen: dict[formats.Id, str] = {}
-        for location, image_id, _text_id, _text in read_records(path, **list_keys):
+        for location, image_id, _text_id, _text in read_records(path, **list_keys, need_captions=False):
             seen.setdefault(image_id, location)
         self.ids = list(seen)
         self.locations = list(seen.values())

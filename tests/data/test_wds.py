@@ -462,3 +462,15 @@ def test_eval_run_source_errors(built: Path, tmp_path: Path, capsys: pytest.Capt
     assert "give --output-dir" in capsys.readouterr().err
     assert eval_main(["--data", str(built / "lmdb" / "valid"), "--output-dir", str(tmp_path), *base]) == 2
     assert "one split's LMDB" in capsys.readouterr().err
+
+
+def test_images_of_a_list_need_no_caption_column(built: Path, tmp_path: Path) -> None:
+    """Extraction and indexing read only the image column; training and evaluation still require captions."""
+    from cn_clip.data.sources import caption_records, image_dataset
+
+    photos = tmp_path / "photos.csv"
+    photos.write_text("path\n" + "".join(f"{p}\n" for p in sorted((built / "photos").glob("*.jpg"))), "utf-8")
+    dataset = image_dataset(photos, dataset_type="csv", resolution=32, img_key="path")
+    assert len(dataset) == len(list((built / "photos").glob("*.jpg"))) and dataset[0][1].shape == (3, 32, 32)
+    with pytest.raises(DataError, match="no 'title' value"):
+        caption_records(photos, "csv", img_key="path")
