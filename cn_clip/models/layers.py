@@ -65,10 +65,11 @@ class ResidualAttentionBlock(nn.Module):
         # is frozen, where those activations are most of what a step stores (docs/adaptation.md).
         self.recompute_mlp = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+        """``checkpointed``: the whole block already runs under a checkpoint, so the MLP is not checkpointed again."""
         x = x + self.attn(self.ln_1(x))
         h = self.ln_2(x)
-        if self.recompute_mlp and torch.is_grad_enabled() and h.requires_grad:
+        if self.recompute_mlp and not checkpointed and torch.is_grad_enabled() and h.requires_grad:
             return x + checkpoint(self.mlp, h, use_reentrant=False)
         return x + self.mlp(h)
 
@@ -85,7 +86,7 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, True, use_reentrant=False)
             else:
                 x = block(x)
         return x

@@ -371,5 +371,11 @@ def test_frozen_vit_mlps_are_recomputed_with_the_same_gradients() -> None:
     for name, grad in grads.items():
         assert torch.equal(grad, expected[name]), name
     assert recomputed < 0.8 * stored, (recomputed, stored)
+    for block in blocks:
+        block.recompute_mlp = True
+    model.visual.set_grad_checkpointing(True)  # whole blocks checkpointed: the MLP is not checkpointed twice
+    _, checkpointed = _saved_bytes_and_grads(model, images)
+    for name, grad in checkpointed.items():
+        assert torch.equal(grad, expected[name]), name
     attach(mlp_model := create_model(ARCHS[0]), LoraCfg(r=RANK, alpha=4.0, targets=("attn", "mlp")), seed=0)
     assert not any(block.recompute_mlp for block in mlp_model.visual.transformer.resblocks)  # trained MLPs: stored
