@@ -136,5 +136,5 @@ $(DEMO_BI)/zeroshot/%/result.txt: $(DEMO_BI_CKPT)
 	cat $(DEMO_BI)/zeroshot/$*/result.txt.tmp
 	mv $(DEMO_BI)/zeroshot/$*/result.txt.tmp $(DEMO_BI)/zeroshot/$*/result.txt
 
-clean-venv:
-	rm -rf $(VENV)
+clean-venv:  # .refvenv links into .venv's torch, so it goes too
+	rm -rf $(VENV) $(REF_VENV)
