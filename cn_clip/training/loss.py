@@ -59,13 +59,16 @@ class ClipLoss:
         self.mask_duplicates = mask_duplicates
         self.gather = gather
 
-    def gather_all(self, local: torch.Tensor, with_grad: bool | None = None) -> tuple[torch.Tensor, int]:
-        """``(all [N, …], offset of the local block)``; local first unless gathering with grad (rank order)."""
+    def gather_all(
+        self, local: torch.Tensor, with_grad: bool | None = None, rank_order: bool | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """``(all [N, …], offset of the local block)``: local first, or in rank order when ``rank_order`` (default:
+        when gathering with grad, whose gathered tensors are the other ranks' own)."""
         if not self.aggregate:
             return local, 0
         with_grad = self.gather_with_grad if with_grad is None else with_grad
         parts = self.gather(local, with_grad)
-        if with_grad:
+        if with_grad if rank_order is None else rank_order:
             return torch.cat(parts, dim=0), self.rank * local.shape[0]
         others = [p for r, p in enumerate(parts) if r != self.rank]
         return torch.cat([local, *others], dim=0), 0
@@ -90,12 +93,7 @@ class ClipLoss:
 
     def gather_keys(self, local: torch.Tensor) -> torch.Tensor:
         """Ids gathered without grad, in the same order as the features."""
-        if not self.aggregate:
-            return local
-        parts = self.gather(local, False)
-        if self.gather_with_grad:
-            return torch.cat(parts, dim=0)
-        return torch.cat([local, *(p for r, p in enumerate(parts) if r != self.rank)], dim=0)
+        return self.gather_all(local, with_grad=False, rank_order=self.gather_with_grad)[0]
 
     def duplicate_mask(self, image_keys: torch.Tensor, text_keys: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[rows, N] bool: True where a column shares the row pair's image or text id (the label excluded)."""

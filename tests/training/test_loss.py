@@ -107,3 +107,21 @@ def test_kd_loss_formula() -> None:
     resized = F.interpolate(student[None, None], size=(4, 6), mode="bilinear", align_corners=False)[0, 0]
     want = 1 - F.cosine_similarity(teacher, resized, dim=1).mean()
     assert float(kd_loss(teacher, student)) == pytest.approx(float(want), abs=1e-7)
+
+
+@pytest.mark.parametrize("gather_with_grad", [False, True])
+def test_keys_are_gathered_in_the_features_order(gather_with_grad: bool) -> None:
+    """Duplicate masking compares ids column by column: rank 1's gathered ids follow its gathered features."""
+    other = {"feat": torch.full((2, 3), 7.0), "keys": torch.tensor([70, 71])}
+
+    def fake_gather(local: torch.Tensor, with_grad: bool) -> list[torch.Tensor]:
+        theirs = other["keys"] if local.dtype == torch.long else other["feat"]
+        return [theirs, local]  # rank 0's block, then ours (rank 1)
+
+    loss = ClipLoss(rank=1, world_size=2, gather_with_grad=gather_with_grad, gather=fake_gather)
+    features, offset = loss.gather_all(torch.ones(2, 3))
+    keys = loss.gather_keys(torch.tensor([10, 11]))
+    expected = [70, 71, 10, 11] if gather_with_grad else [10, 11, 70, 71]
+    assert keys.tolist() == expected
+    assert [int(row[0]) for row in features] == [7 if k >= 70 else 1 for k in expected]
+    assert offset == (2 if gather_with_grad else 0)
