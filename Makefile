@@ -74,12 +74,17 @@ $(DEMO_DATA)/lmdb/train/pairs/data.mdb: $(DEMO_DATA)/train_texts.jsonl
 	$(PY) -m cn_clip.preprocess.build_lmdb_dataset --data_dir $(DEMO_DATA) --splits train,valid,test --overwrite
 
 # The MUGE recipe script, retargeted by environment variables: one CPU process, no released weights.
+# $(call demo_train,OUT,DATA): the demo's training run (both demos).
+define demo_train
+PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NAME=$(DEMO_NAME) GPUS_PER_NODE=1 RESUME= \
+VISION_MODEL=ViT-Tiny TEXT_MODEL=BERT-Tiny-chinese BATCH_SIZE=32 VALID_BATCH_SIZE=44 MAX_EPOCHS=10 LR=1e-3 WARMUP=10 WD=0.001 \
+LOG_INTERVAL=2 VALID_STEP_INTERVAL=0 USE_AUGMENT=0 \
+bash run_scripts/muge_finetune.sh $(1) --train-data $(2)/lmdb/train --val-data $(2)/lmdb/valid \
+  --precision fp32 --num-workers 1 --valid-num-workers 1
+endef
+
 $(DEMO_CKPT): $(DEMO_DATA)/lmdb/train/pairs/data.mdb
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NAME=$(DEMO_NAME) GPUS_PER_NODE=1 RESUME= \
-	VISION_MODEL=ViT-Tiny TEXT_MODEL=BERT-Tiny-chinese BATCH_SIZE=32 VALID_BATCH_SIZE=44 MAX_EPOCHS=10 LR=1e-3 WARMUP=10 WD=0.001 \
-	LOG_INTERVAL=2 VALID_STEP_INTERVAL=0 USE_AUGMENT=0 \
-	bash run_scripts/muge_finetune.sh $(DEMO) --train-data $(DEMO_DATA)/lmdb/train --val-data $(DEMO_DATA)/lmdb/valid \
-	  --precision fp32 --num-workers 1 --valid-num-workers 1
+	$(call demo_train,$(DEMO),$(DEMO_DATA))
 
 $(DEMO)/eval/summary.json: $(DEMO_CKPT)
 	$(PY) -m cn_clip.eval.run --data $(DEMO_DATA) --split valid --resume $(DEMO_CKPT) $(DEMO_MODEL) \
@@ -117,11 +122,7 @@ $(DEMO_BI_DATA)/lmdb/train/pairs/data.mdb: $(DEMO_BI_DATA)/train_texts.jsonl
 	  --overwrite
 
 $(DEMO_BI_CKPT): $(DEMO_BI_DATA)/lmdb/train/pairs/data.mdb
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NAME=$(DEMO_NAME) GPUS_PER_NODE=1 RESUME= \
-	VISION_MODEL=ViT-Tiny TEXT_MODEL=BERT-Tiny-chinese BATCH_SIZE=32 VALID_BATCH_SIZE=44 MAX_EPOCHS=10 LR=1e-3 WARMUP=10 WD=0.001 \
-	LOG_INTERVAL=2 VALID_STEP_INTERVAL=0 USE_AUGMENT=0 \
-	bash run_scripts/muge_finetune.sh $(DEMO_BI) --train-data $(DEMO_BI_DATA)/lmdb/train --val-data $(DEMO_BI_DATA)/lmdb/valid \
-	  --precision fp32 --num-workers 1 --valid-num-workers 1
+	$(call demo_train,$(DEMO_BI),$(DEMO_BI_DATA))
 
 # zh: the valid split (Chinese captions); en: valid_en (the same images, English captions)
 $(DEMO_BI)/eval/%/summary.json: $(DEMO_BI_CKPT)
